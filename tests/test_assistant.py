@@ -1,0 +1,52 @@
+"""A conversation turn: prompt assembly, language instruction, answer record and timings."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatbot.assistant import Assistant
+from chatbot.config import ChatConfig
+from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
+
+
+@pytest.fixture
+def assistant(engine):
+    return Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256))
+
+
+def test_turn_builds_system_history_and_question(assistant):
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
+    turn = assistant.turn(history, "  What is the capital of France?  ")
+    assert turn.messages == [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    assert turn.language == "en"
+
+
+def test_chinese_question_asks_for_a_chinese_reply(assistant):
+    turn = assistant.turn([], "法国的首都是哪里？")
+    assert turn.language == "zh"
+    assert "Simplified Chinese" in turn.messages[-1]["content"]
+
+
+def test_answer_has_text_language_and_timings(assistant):
+    answer = assistant.ask("hello")
+    data = answer.to_dict()
+    assert set(data) == {"answer", "sources", "language", "timings"}
+    assert data["sources"] == []
+    assert 0 <= data["timings"]["first_token_s"] <= data["timings"]["total_s"]
+
+
+def test_empty_question_is_rejected(assistant):
+    with pytest.raises(ValueError, match="empty"):
+        assistant.turn([], "   ")
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="temperature"):
+        ChatConfig(temperature=-1)
+    with pytest.raises(ValueError, match="context_tokens"):
+        ChatConfig(max_new_tokens=512, context_tokens=256)

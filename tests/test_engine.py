@@ -1,0 +1,106 @@
+"""The generation engine on a tiny random model: streaming, greedy determinism, end-of-turn, stop, trimming."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from chatbot.chat_format import render_prompt
+from chatbot.engine import Engine, GenerationOptions, PromptTooLongError, trim_history
+from tests.tiny import tiny_model
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def test_stream_matches_greedy_generate(engine):
+    messages = [{"role": "system", "content": "Be brief."}, user("What is the capital of France?")]
+    options = GenerationOptions(max_new_tokens=12)
+    pieces = list(engine.stream(messages, options))
+    ids = render_prompt(engine.tokenizer, messages)
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_token_ids,
+                                    pad_token_id=engine.tokenizer.pad_token_id)
+    expected = engine.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert len(pieces) > 1, "the reply should arrive in several pieces"
+    assert "".join(pieces) == expected
+
+
+def test_greedy_is_reproducible_and_sampling_follows_seed(engine):
+    messages = [user("hello")]
+    greedy = GenerationOptions(max_new_tokens=10)
+    assert "".join(engine.stream(messages, greedy)) == "".join(engine.stream(messages, greedy))
+    sampled = [GenerationOptions(max_new_tokens=10, temperature=1.5, seed=s) for s in (1, 1, 2)]
+    a, b, c = ("".join(engine.stream(messages, o)) for o in sampled)
+    assert a == b
+    assert a != c
+
+
+def test_stops_at_end_of_turn(tokenizer):
+    model = tiny_model(tokenizer)
+    # With the final norm zeroed every logit is 0, so greedy decoding picks id 0, which is <|im_end|>.
+    torch.nn.init.zeros_(model.model.norm.weight)
+    assert tokenizer.convert_ids_to_tokens(0) == "<|im_end|>"
+    engine = Engine(model, tokenizer, context_tokens=256)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    assert "".join(engine.stream([user("hello")], GenerationOptions(max_new_tokens=50))) == ""
+    assert len(calls) == 1, "generation should end right after the end-of-turn token"
+
+
+def test_closing_the_stream_stops_generation(engine):
+    calls = []
+    engine.model.register_forward_hook(lambda *args: calls.append(1))
+    stream = engine.stream([user("hello")], GenerationOptions(max_new_tokens=200))
+    next(stream)
+    stream.close()  # what a stop button or Ctrl-C does
+    assert len(calls) < 200
+    assert not [t for t in threading.enumerate() if "_generate" in t.name and t.is_alive()]
+
+
+def test_stop_event_ends_the_answer_early(engine):
+    stop = threading.Event()
+    pieces = []
+    for piece in engine.stream([user("hello")], GenerationOptions(max_new_tokens=200), stop=stop):
+        pieces.append(piece)
+        stop.set()
+    full = list(engine.stream([user("hello")], GenerationOptions(max_new_tokens=200)))
+    assert 0 < len(pieces) < len(full)
+
+
+def words(messages) -> int:
+    return sum(len(m["content"].split()) for m in messages)
+
+
+def test_trim_history_drops_oldest_turns_first():
+    messages = [{"role": "system", "content": "sys"},
+                user("one one one"), {"role": "assistant", "content": "a1 a1 a1"},
+                user("two two"), {"role": "assistant", "content": "a2 a2"},
+                user("now")]
+    assert trim_history(messages, words, budget=100) == messages
+    kept = trim_history(messages, words, budget=7)
+    assert kept == [messages[0], *messages[3:]]
+    kept = trim_history(messages, words, budget=2)
+    assert kept == [messages[0], messages[-1]], "the system prompt and the question always stay"
+
+
+def test_trim_history_refuses_a_question_that_cannot_fit():
+    with pytest.raises(PromptTooLongError, match="too long"):
+        trim_history([{"role": "system", "content": "sys"}, user("a b c d e")], words, budget=3)
+
+
+def test_engine_trims_long_history_to_context(engine):
+    long = " ".join(["Paris"] * 40)
+    history = []
+    for i in range(10):
+        history += [user(f"{i} {long}"), {"role": "assistant", "content": long}]
+    messages = [{"role": "system", "content": "sys"}, *history, user("last question")]
+    fitted = engine.fit(messages, max_new_tokens=32)
+    assert fitted[0]["role"] == "system" and fitted[-1]["content"] == "last question"
+    assert len(fitted) < len(messages)
+    assert engine.count_tokens(fitted) <= engine.context_tokens - 32
+    assert "".join(engine.stream(messages, GenerationOptions(max_new_tokens=32))) is not None

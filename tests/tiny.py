@@ -1,0 +1,58 @@
+"""A tiny randomly initialised chat model built from a config, so tests run in seconds without downloads.
+
+The tokenizer is a byte-level BPE trained here on a few sentences (any text, Chinese included, encodes), with
+ChatML special tokens and a ChatML chat template like SmolLM2's. `<|im_end|>` is id 0 and the end of a turn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|im_end|>", "<|im_start|>", "<|endoftext|>"]
+TRAINING_TEXT = [
+    "The capital of France is Paris. Paris is a city on the Seine.",
+    "LoRA trains two small low-rank matrices while the base model stays frozen.",
+    "Retrieval-augmented generation cites the passages it uses [1] [2].",
+    "法国的首都是巴黎。检索增强生成会引用文档中的段落。",
+    "user assistant system Hello! How can I help you today?",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TRAINING_TEXT, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        bos_token="<|im_start|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny model + tokenizer folder that `--model FOLDER` loads like any local checkpoint."""
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer, seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
