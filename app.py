@@ -1,14 +1,17 @@
 """The web app: a Gradio chat UI and a `/chat` API in front of `chatbot.Assistant`.
 
-    python app.py                       # the embedded default model on http://127.0.0.1:7860
+    python app.py                       # embedded model + the app's knowledge base on http://127.0.0.1:7860
     python app.py --port 8000 --host 0.0.0.0 --model HuggingFaceTB/SmolLM2-360M-Instruct
+    python app.py --index my-index      # answer from another knowledge base; --no-index: plain chat
     python app.py --share               # also a public gradio.live link (needs network)
 
-The model is loaded once at start-up. The UI streams each answer, keeps the conversation per browser session
-and has a stop button; the same turn logic is callable from code:
+Models and the index are loaded once at start-up. On the first start the app's knowledge base
+($CHATBOT_HOME/index) is built from the bundled documents (knowledge/corpus), so it answers out of the box.
+The UI streams each answer with its sources, keeps the conversation per browser session, has a stop button,
+and a "Knowledge base" tab to upload, list and remove documents. From code:
 
     from gradio_client import Client
-    Client("http://127.0.0.1:7860/").predict("What is the capital of France?", [], api_name="/chat")
+    Client("http://127.0.0.1:7860/").predict("What does LoRA train?", [], api_name="/chat")
 """
 
 from __future__ import annotations
@@ -17,30 +20,45 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the app must work offline
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from chatbot.assistant import Assistant, Turn  # noqa: E402
+from chatbot.assistant import Answer, Assistant, Turn  # noqa: E402
 from chatbot.chat_format import message_text  # noqa: E402
 from chatbot.config import ChatConfig, add_config_arguments, config_from_args  # noqa: E402
-from chatbot.engine import Engine, PromptTooLongError  # noqa: E402
+from chatbot.engine import PromptTooLongError  # noqa: E402
 from chatbot.models import ModelNotFoundError  # noqa: E402
+from knowledge.config import DEFAULT_CORPUS, default_index_dir  # noqa: E402
+from knowledge.embedder import Embedder, EmbedderNotFoundError  # noqa: E402
+from knowledge.loaders import SUFFIXES  # noqa: E402
+from knowledge.store import IndexError_, KnowledgeBase  # noqa: E402
 
 EXAMPLES = [
-    "What is the capital of France?",
-    "What does LoRA change in a model during fine-tuning?",
+    "What does LoRA train?",
+    "How does early stopping prevent over-fitting?",
     "什么是检索增强生成？",
-    "如何防止模型过拟合？",
+    "困惑度是怎么计算的？",
 ]
+SOURCES_TITLE = "📚 Sources · 来源"
 
 
 def model_history(messages: list[dict] | None) -> list[dict]:
     """The conversation as the model should see it: user and assistant text, without the sources boxes."""
     return [{"role": m["role"], "content": message_text(m["content"])} for m in messages or []
             if m.get("role") in ("user", "assistant") and not (m.get("metadata") or {}).get("title")]
+
+
+def sources_markdown(answer: Answer) -> str:
+    """The cited passages, numbered as in the answer, each with where it is from and the quoted text."""
+    parts = []
+    for source in answer.sources:
+        quoted = "\n".join("> " + line for line in source["text"].splitlines() if line.strip())
+        parts.append(f"**[{source['number']}] {source['label']}** · relevance {source['relevance']:.2f}\n\n{quoted}")
+    return "\n\n".join(parts)
 
 
 class ChatApp:
@@ -50,31 +68,33 @@ class ChatApp:
         self.assistant = assistant
         self.running: dict[str, Turn] = {}
 
-    def start_turn(self, message: str, messages: list[dict] | None, session: str) -> Turn:
-        turn = self.assistant.turn(model_history(messages), message)
-        self.running[session] = turn
-        return turn
+    def _turn(self, message: str, history: list[dict] | None) -> Turn:
+        try:
+            return self.assistant.turn(model_history(history), message)
+        except (ValueError, PromptTooLongError) as err:
+            raise gr.Error(str(err)) from err
 
     def respond(self, message: str, messages: list[dict] | None, request: gr.Request
                 ) -> Iterator[tuple[str, list[dict]]]:
-        """UI handler: stream the reply into the chat, clearing the textbox."""
+        """UI handler: stream the reply into the chat, then show its sources; clears the textbox."""
         if not message or not message.strip():
             yield "", messages or []
             return
-        messages = [*(messages or []), {"role": "user", "content": message}]
-        try:
-            turn = self.start_turn(message, messages[:-1], request.session_hash)
-        except (ValueError, PromptTooLongError) as err:
-            raise gr.Error(str(err)) from err
-        reply = {"role": "assistant", "content": ""}
-        messages.append(reply)
+        turn = self._turn(message, messages)
+        messages = [*(messages or []), {"role": "user", "content": message},
+                    {"role": "assistant", "content": ""}]
+        self.running[request.session_hash] = turn
         try:
             for piece in turn.stream():
-                reply["content"] += piece
+                messages[-1]["content"] += piece
                 yield "", messages
         finally:
             self.running.pop(request.session_hash, None)
-        reply["content"] = turn.answer().text or reply["content"]
+        answer = turn.answer()
+        messages[-1]["content"] = answer.text
+        if answer.sources:
+            messages.append({"role": "assistant", "content": sources_markdown(answer),
+                             "metadata": {"title": f"{SOURCES_TITLE} ({len(answer.sources)})", "status": "done"}})
         yield "", messages
 
     def stop(self, request: gr.Request) -> None:
@@ -85,39 +105,98 @@ class ChatApp:
     def chat(self, message: str, history: list[dict] | None = None) -> Iterator[dict]:
         """Answer `message` after the earlier `history` ([{"role", "content"}, ...]); streams partial answers.
 
-        Each update is {"answer", "sources", "language", "timings"}; the last one is complete."""
-        try:
-            turn = self.assistant.turn(model_history(history), message)
-        except (ValueError, PromptTooLongError) as err:
-            raise gr.Error(str(err)) from err
+        Each update is {"answer", "sources", "language", "mode", "timings", "query"}; the last one is complete,
+        with the cited sources (source, heading, page, chunk_id, score, text)."""
+        turn = self._turn(message, history)
         text = ""
         for piece in turn.stream():
             text += piece
-            yield {"answer": text, "sources": [], "language": turn.language, "timings": {}}
+            yield Answer(text=text, language=turn.language, mode=turn.mode).to_dict()
         yield turn.answer().to_dict()
+
+    # ----- knowledge base tab ------------------------------------------------------------------------------
+    def sources_table(self) -> list[list]:
+        retriever = self.assistant.retriever
+        if retriever is None:
+            return []
+        return [[source, meta["chunks"], meta["added"]] for source, meta in sorted(retriever.kb.sources.items())]
+
+    def upload(self, files: list[str] | None, progress: gr.Progress = gr.Progress()  # noqa: B008 (Gradio's idiom)
+               ) -> tuple[str, list, dict]:
+        retriever = self.assistant.retriever
+        if retriever is None:
+            raise gr.Error("This app runs without a knowledge base (--no-index).")
+        if not files:
+            raise gr.Error("Choose one or more files first.")
+        report = retriever.kb.add([Path(f) for f in files], retriever.embedder, progress=False,
+                                  on_progress=lambda fraction, text: progress(fraction, desc=text))
+        retriever.refresh()
+        return "\n".join(report.lines()), self.sources_table(), self._choices()
+
+    def remove(self, sources: list[str] | None) -> tuple[str, list, dict]:
+        retriever = self.assistant.retriever
+        if retriever is None or not sources:
+            raise gr.Error("Choose the documents to remove first.")
+        removed = retriever.kb.remove(list(sources))
+        retriever.refresh()
+        return f"Removed {len(removed)} document(s).", self.sources_table(), self._choices()
+
+    def _choices(self) -> dict:
+        return gr.update(choices=[row[0] for row in self.sources_table()], value=[])
 
 
 def build_app(assistant: Assistant) -> gr.Blocks:
     app = ChatApp(assistant)
     with gr.Blocks(title="Bilingual chatbot") as demo:
-        gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel: `{assistant.engine.name}`. "
-                    "Ask in English or Chinese; the bot answers in your language.")
-        chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"],
-                             placeholder="Ask a question · 请输入你的问题")
-        with gr.Row():
-            textbox = gr.Textbox(placeholder="Type a message and press Enter · 输入消息后按回车",
-                                 show_label=False, scale=8, autofocus=True)
-            send = gr.Button("Send", variant="primary", scale=1)
-            stop = gr.Button("Stop", variant="stop", scale=1)
-        clear = gr.ClearButton([chatbot, textbox], value="New conversation")
-        gr.Examples(EXAMPLES, inputs=textbox, label="Examples · 示例")
+        index = assistant.retriever.kb.folder if assistant.retriever else None
+        gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel `{assistant.engine.name}` · "
+                    + (f"knowledge base `{index}`" if index else "no knowledge base")
+                    + ". Ask in English or Chinese; answers cite the documents they come from.")
+        with gr.Tab("Chat · 聊天"):
+            chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"],
+                                 placeholder="Ask a question · 请输入你的问题")
+            with gr.Row():
+                textbox = gr.Textbox(placeholder="Type a message and press Enter · 输入消息后按回车",
+                                     show_label=False, scale=8, autofocus=True)
+                send = gr.Button("Send", variant="primary", scale=1)
+                stop = gr.Button("Stop", variant="stop", scale=1)
+            clear = gr.ClearButton([chatbot, textbox], value="New conversation · 新对话")
+            gr.Examples(EXAMPLES, inputs=textbox, label="Examples · 示例")
+        with gr.Tab("Knowledge base · 知识库", visible=index is not None):
+            files = gr.File(label="Upload documents · 上传文档", file_count="multiple",
+                            file_types=sorted(SUFFIXES))
+            add = gr.Button("Add to the knowledge base · 加入知识库", variant="primary")
+            status = gr.Textbox(label="Status", interactive=False, lines=3)
+            table = gr.Dataframe(app.sources_table(), headers=["source", "chunks", "added"], interactive=False)
+            chosen = gr.Dropdown(choices=[row[0] for row in app.sources_table()], multiselect=True,
+                                 label="Documents to remove · 要删除的文档")
+            remove = gr.Button("Remove · 删除", variant="stop")
 
+        # Generation and index writes share one queue slot: a small CPU does one at a time, and a search never
+        # sees an index half-way through an update.
         for trigger in (textbox.submit, send.click):
-            trigger(app.respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private")
+            trigger(app.respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",
+                    concurrency_id="model")
         stop.click(app.stop, None, None, queue=False, api_visibility="private")
         clear.click(app.stop, None, None, queue=False, api_visibility="private")
-        gr.api(app.chat, api_name="chat")
+        add.click(app.upload, files, [status, table, chosen], api_visibility="private", concurrency_id="model")
+        remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private", concurrency_id="model")
+        gr.api(app.chat, api_name="chat", concurrency_id="model")
     return demo
+
+
+def open_knowledge_base(config: ChatConfig, no_index: bool) -> None:
+    """Point `config.index` at the app's knowledge base, building it from the bundled documents the first time."""
+    if no_index:
+        config.index = None
+        return
+    if config.index is None:
+        config.index = str(default_index_dir())
+        if not (Path(config.index) / "CURRENT").is_file():
+            print(f"Building the default knowledge base in {config.index} (first start only)...", flush=True)
+            kb = KnowledgeBase.open(Path(config.index))
+            for line in kb.add([DEFAULT_CORPUS], Embedder(config.embedding_model)).lines():
+                print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=int(os.environ.get("CHATBOT_PORT", "7860")),
                         help="port to listen on (env CHATBOT_PORT)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    parser.add_argument("--no-index", action="store_true", help="chat without a knowledge base")
     add_config_arguments(parser, ChatConfig)
     return parser
 
@@ -135,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args, ChatConfig)
-        engine = Engine.load(config.model, device=config.device, context_tokens=config.context_tokens)
-    except (ModelNotFoundError, ValueError) as err:
+        open_knowledge_base(config, args.no_index)
+        assistant = Assistant.load(config)
+    except (ModelNotFoundError, EmbedderNotFoundError, IndexError_, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    demo = build_app(Assistant(engine, config))
+    demo = build_app(assistant)
     demo.queue(default_concurrency_limit=1)  # one generation at a time: a small CPU has no room for two
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"])
     return 0

@@ -2,6 +2,7 @@
 
     python -m chatbot                                   # chat in the terminal (Ctrl-D or /exit to quit)
     python -m chatbot ask "What is the capital of France?" --json
+    python -m chatbot ask "What does LoRA train?" --index my-index --json   # answered from documents, cited
     python -m chatbot ask "..." --model HuggingFaceTB/SmolLM2-360M-Instruct --temperature 0.7
 
 Every ChatConfig field is a flag (`--max-new-tokens`, `--seed`, ...). Errors about models or input are printed
@@ -14,10 +15,12 @@ import argparse
 import json
 import sys
 
-from chatbot.assistant import Assistant
+from chatbot.assistant import Assistant, Turn
 from chatbot.config import ChatConfig, add_config_arguments, config_from_args
-from chatbot.engine import Engine, PromptTooLongError
+from chatbot.engine import PromptTooLongError
 from chatbot.models import ModelNotFoundError
+from knowledge.embedder import EmbedderNotFoundError
+from knowledge.store import IndexError_
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_assistant(config: ChatConfig) -> Assistant:
-    engine = Engine.load(config.model, device=config.device, context_tokens=config.context_tokens)
-    return Assistant(engine, config)
-
-
 def ask(assistant: Assistant, question: str, as_json: bool) -> None:
     turn = assistant.turn([], question)
     if as_json:
@@ -46,9 +44,18 @@ def ask(assistant: Assistant, question: str, as_json: bool) -> None:
         result = turn.answer().to_dict() | {"model": assistant.engine.name}
         print(json.dumps(result, ensure_ascii=False))
         return
-    for piece in turn.stream():
-        print(piece, end="", flush=True)
+    show(turn)
+
+
+def show(turn: Turn) -> None:
+    """Stream the answer to the terminal, then its final form (when citations changed it) and sources."""
+    streamed = "".join(print(piece, end="", flush=True) or piece for piece in turn.stream()).strip()
+    answer = turn.answer()
+    if answer.text != streamed:
+        print(f"\n\n{answer.text}" if streamed else answer.text, end="")
     print()
+    for source in answer.sources:
+        print(f"  [{source['number']}] {source['label']}  (score {source['score']:.3f})")
 
 
 def chat(assistant: Assistant) -> None:
@@ -70,11 +77,10 @@ def chat(assistant: Assistant) -> None:
         turn = assistant.turn(history, question)
         print("bot> ", end="", flush=True)
         try:
-            for piece in turn.stream():
-                print(piece, end="", flush=True)
+            show(turn)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
             turn.stop.set()
-        print()
+            print()
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": turn.answer().text}]
 
 
@@ -87,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, ChatConfig)
         if args.command == "ask" and not args.question.strip():
             raise ValueError("The question is empty.")
-        assistant = load_assistant(config)
+        assistant = Assistant.load(config)
         if args.command == "ask":
             ask(assistant, args.question, args.json)
         else:
             chat(assistant)
-    except (ModelNotFoundError, PromptTooLongError, ValueError) as err:
+    except (ModelNotFoundError, EmbedderNotFoundError, IndexError_, PromptTooLongError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,39 +1,56 @@
-"""One conversation turn: language → prompt → generation, with timings. The CLI and the web app both use it.
+"""One conversation turn: language → intent → retrieval → prompt → generation → citations. The CLI and the
+web app both drive it.
 
-    assistant = Assistant(Engine.load(None), ChatConfig())
-    turn = assistant.turn(history, "What is the capital of France?")
+    assistant = Assistant(Engine.load(None), ChatConfig(), retriever)      # retriever=None: plain chat
+    turn = assistant.turn(history, "What does LoRA train?")
     for piece in turn.stream():
         print(piece, end="")
-    turn.answer()   # Answer(text=..., sources=[], language="en", timings={...})
+    turn.answer()   # Answer(text="... [1]", sources=[{...}], language="en", mode="extractive", timings={...})
 
-`history` holds earlier turns as plain {"role", "content"} messages (what the user saw); the system prompt and
-the language instruction are added here, so they never pile up in the history.
+How a turn is answered (`Answer.mode`):
+- "refused": a harmful request (see chatbot.intent); a fixed reply in the user's language.
+- "chat": small talk, or any message when there is no knowledge base: the model answers from itself.
+- "not_covered": a knowledge base exists but no passage is relevant: a fixed reply, nothing invented.
+- "grounded": the model answers from the passages; its citations are checked and completed.
+- "extractive": the most relevant sentences quoted with citations, when the model cannot write the user's
+  language (its ModelProfile), or when a grounded answer turned out to cite nothing.
+
+`history` holds earlier turns as plain {"role", "content"} messages (what the user saw); the system prompt,
+passages and language instruction are added here, so they never pile up in the history.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from chatbot.chat_format import Message, message_text
 from chatbot.config import ChatConfig
 from chatbot.engine import Engine, GenerationOptions
+from chatbot.grounding import Grounding, cite, extractive_answer, ground, term_overlap
+from chatbot.intent import classify
 from chatbot.language import detect_language
-from chatbot.prompts import user_turn
+from chatbot.prompts import NOT_COVERED, REFUSAL, SELF_HARM, SMALL_TALK, localized, user_turn
+from knowledge.retriever import Retriever
 
 
 @dataclass
 class Answer:
     text: str
     language: str
+    mode: str = "chat"
     sources: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # first_token_s, total_s
+    query: str | None = None  # what was searched in the knowledge base
 
     def to_dict(self) -> dict:
         """The JSON shape shared by `python -m chatbot ask --json` and the app's /chat API."""
-        return {"answer": self.text, "sources": self.sources, "language": self.language, "timings": self.timings}
+        return {"answer": self.text, "sources": self.sources, "language": self.language, "mode": self.mode,
+                "timings": self.timings, "query": self.query}
 
 
 def conversation_language(history: Sequence[Message], text: str) -> str:
@@ -47,29 +64,62 @@ def conversation_language(history: Sequence[Message], text: str) -> str:
 
 
 class Turn:
-    """One answer in the making: `stream()` yields its text; afterwards `answer()` has text and timings."""
+    """One answer in the making: `stream()` yields its text; afterwards `answer()` holds the final text
+    (citations completed), its sources and timings."""
 
-    def __init__(self, engine: Engine, messages: list[Message], options: GenerationOptions, language: str):
-        self.engine, self.messages, self.options, self.language = engine, messages, options, language
+    def __init__(self, language: str, mode: str, produce: Callable[[threading.Event], Iterator[str]],
+                 grounding: Grounding | None = None, finish: Callable[[str], tuple[str, str]] | None = None,
+                 messages: list[Message] | None = None):
+        self.language, self.mode, self.grounding = language, mode, grounding
+        self.messages = messages  # the prompt, when the model writes the answer
+        self._produce, self._finish = produce, finish
         self.stop = threading.Event()
         self.pieces: list[str] = []
+        self.started = time.perf_counter()  # reset by Assistant.turn to include retrieval
         self.timings: dict[str, float] = {}
+        self._final: tuple[str, str] | None = None
 
     def stream(self) -> Iterator[str]:
-        start = time.perf_counter()
-        for piece in self.engine.stream(self.messages, self.options, stop=self.stop):
-            self.timings.setdefault("first_token_s", round(time.perf_counter() - start, 3))
+        """The answer's text, piece by piece; timings count from the start of the turn, retrieval included."""
+        for piece in self._produce(self.stop):
+            self.timings.setdefault("first_token_s", round(time.perf_counter() - self.started, 3))
             self.pieces.append(piece)
             yield piece
-        self.timings["total_s"] = round(time.perf_counter() - start, 3)
+        self.timings["total_s"] = round(time.perf_counter() - self.started, 3)
 
     def answer(self) -> Answer:
-        return Answer(text="".join(self.pieces).strip(), language=self.language, timings=dict(self.timings))
+        if self._final is None:
+            text = "".join(self.pieces).strip()
+            self._final = self._finish(text) if self._finish else (text, self.mode)
+        text, mode = self._final
+        sources = []
+        if self.grounding is not None:
+            cited = [int(n) for n in _cited_numbers(text)]
+            for passage, hit in zip(self.grounding.passages, self.grounding.hits, strict=True):
+                if passage.number in cited:
+                    sources.append({"number": passage.number, "label": passage.label} | hit.to_dict())
+        return Answer(text=text, language=self.language, mode=mode, sources=sources, timings=dict(self.timings),
+                      query=self.grounding.query if self.grounding else None)
+
+
+def _cited_numbers(text: str) -> list[str]:
+    return re.findall(r"\[(\d{1,2})\]", text)
+
+
+def _fixed(text: str) -> Callable[[threading.Event], Iterator[str]]:
+    return lambda stop: iter([text])
 
 
 class Assistant:
-    def __init__(self, engine: Engine, config: ChatConfig):
-        self.engine, self.config = engine, config
+    def __init__(self, engine: Engine, config: ChatConfig, retriever: Retriever | None = None):
+        self.engine, self.config, self.retriever = engine, config, retriever
+
+    @classmethod
+    def load(cls, config: ChatConfig) -> Assistant:
+        """Load the model and, when `config.index` is set, the knowledge base and its embedder (once)."""
+        engine = Engine.load(config.model, device=config.device, context_tokens=config.context_tokens)
+        retriever = Retriever.open(Path(config.index), config.embedding_model) if config.index else None
+        return cls(engine, config, retriever)
 
     @property
     def options(self) -> GenerationOptions:
@@ -77,16 +127,65 @@ class Assistant:
         return GenerationOptions(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                  seed=c.seed)
 
+    def _generate(self, messages: list[Message]) -> Callable[[threading.Event], Iterator[str]]:
+        return lambda stop: self.engine.stream(messages, self.options, stop=stop)
+
+    def _messages(self, history: Sequence[Message], current: str) -> list[Message]:
+        messages = [{"role": "system", "content": self.config.system_prompt}]
+        messages += [{"role": m["role"], "content": message_text(m["content"])} for m in history
+                     if m["role"] in ("user", "assistant")]
+        return messages + [{"role": "user", "content": current}]
+
     def turn(self, history: Sequence[Message], question: str) -> Turn:
+        started = time.perf_counter()
+        turn = self._turn(history, question)
+        turn.started = started
+        return turn
+
+    def _turn(self, history: Sequence[Message], question: str) -> Turn:
         question = question.strip()
         if not question:
             raise ValueError("The question is empty.")
         language = conversation_language(history, question)
-        messages = [{"role": "system", "content": self.config.system_prompt}]
-        messages += [{"role": m["role"], "content": message_text(m["content"])} for m in history
-                     if m["role"] in ("user", "assistant")]
-        messages.append({"role": "user", "content": user_turn(question, language)})
-        return Turn(self.engine, messages, self.options, language)
+        intent = classify(question)
+        if intent in ("harmful", "self_harm"):
+            return Turn(language, "refused", _fixed(localized(REFUSAL if intent == "harmful" else SELF_HARM,
+                                                              language)))
+        if intent == "small_talk" or self.retriever is None:
+            if not self.engine.profile.writes(language, grounded=False) and intent == "small_talk":
+                return Turn(language, "chat", _fixed(localized(SMALL_TALK, language)))
+            messages = self._messages(history, user_turn(question, language))
+            return Turn(language, "chat", self._generate(messages), messages=messages)
+        grounding = ground(self.retriever, history, question, language, self.config.min_relevance,
+                           self.config.passages)
+        if not grounding.passages:
+            return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding)
+        extractive = extractive_answer(grounding.query, grounding.passages, language,
+                                       score=self._sentence_scorer(language))
+        if not self.engine.profile.writes(language, grounded=True):
+            return Turn(language, "extractive", _fixed(extractive), grounding)
+        messages = self._messages(history, user_turn(question, language, grounding.passages))
+
+        def finish(text: str) -> tuple[str, str]:
+            cited_text, cited = cite(text, grounding.passages)
+            # An answer that cites nothing is not grounded in the passages: quote them instead.
+            return (cited_text, "grounded") if cited else (extractive, "extractive")
+
+        return Turn(language, "grounded", self._generate(messages), grounding, finish, messages)
+
+    def _sentence_scorer(self, language: str) -> Callable[[str, list[str]], list[float]]:
+        """How well sentences answer a question: IDF-weighted term overlap, plus the embedder's cosine
+        similarity in the languages it knows (it finds "trains two small matrices" for "What does LoRA train?")."""
+        retriever = self.retriever
+
+        def score(question: str, sentences: list[str]) -> list[float]:
+            overlap = term_overlap(question, sentences, retriever.lexical.idf)
+            if not retriever.kb.config.uses_dense(language):
+                return overlap
+            vectors = retriever.embedder.encode([question, *sentences])
+            return [o + float(c) for o, c in zip(overlap, vectors[1:] @ vectors[0], strict=True)]
+
+        return score
 
     def ask(self, question: str, history: Sequence[Message] = ()) -> Answer:
         """The whole answer at once (for scripts and tests)."""

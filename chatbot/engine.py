@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from chatbot.chat_format import Message, render_prompt
-from chatbot.models import load_model
+from chatbot.models import ModelProfile, load_model, model_profile
 
 
 class PromptTooLongError(ValueError):
@@ -69,8 +69,9 @@ class _StopOnEvent(StoppingCriteria):
 
 class Engine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model",
-                 context_tokens: int = 2048):
+                 context_tokens: int = 2048, profile: ModelProfile | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.profile = profile or ModelProfile()
         limit = getattr(model.config, "max_position_embeddings", None) or context_tokens
         self.context_tokens = min(context_tokens, limit)
         # End of turn: whatever the tokenizer and the generation config call EOS (ChatML's <|im_end|>
@@ -81,7 +82,8 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, context_tokens: int = 2048) -> Engine:
-        return cls(*load_model(model, device), context_tokens=context_tokens)
+        loaded, tokenizer, name = load_model(model, device)
+        return cls(loaded, tokenizer, name, context_tokens, model_profile(name, model))
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,9 @@ _KANA = re.compile(r"[\u3040-\u30ff]")
 _HANGUL = re.compile(r"[\uac00-\ud7af]")
 _LETTER = re.compile(r"[^\W\d_]")
 _LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
+_ENGLISH_FUNCTION_WORDS = frozenset(
+    "the what how is does do did can could should would which when why who whose are was were you your my i an to "
+    "of and with this that these those there it its from about".split())
 MIN_LETTERS = 12  # below this, langdetect guesses ("hi" -> "so"); keep the conversation's language
 
 
@@ -43,6 +46,11 @@ def detect_language(text: str, default: str = "en") -> str:
         return "zh"
     if len(letters) < MIN_LETTERS:
         return default
+    # langdetect misreads short English questions with full confidence ("What is underfitting?" -> de,
+    # "How does LoRA work?" -> af); two English function words settle it first.
+    words = _LATIN_WORD.findall(text.lower())
+    if sum(word in _ENGLISH_FUNCTION_WORDS for word in words) >= 2:
+        return "en"
     try:
         code = detect(text)
     except LangDetectException:

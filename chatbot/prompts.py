@@ -33,6 +33,17 @@ REFUSAL = {
     "en": "I can't help with that request. It could cause harm; I'm happy to help with something else.",
     "zh": "抱歉，我不能帮助完成这个请求，因为它可能造成伤害。我很乐意帮你做别的事情。",
 }
+SELF_HARM = {
+    "en": "I'm really sorry you're feeling this way. You don't have to face it alone: please reach out to someone "
+          "you trust, or call your local emergency number or a suicide prevention hotline right now.",
+    "zh": "听到你这样说我很难过。你不必独自面对：请联系你信任的人，或立即拨打当地的急救电话或心理援助热线。",
+}
+# For small talk in a language the model cannot write.
+SMALL_TALK = {
+    "en": "Hello! I answer questions from the documents in my knowledge base and cite the passages I use. "
+          "What would you like to know?",
+    "zh": "你好！我可以根据知识库中的文档回答问题，并注明引用的段落。请问你想了解什么？",
+}
 EXTRACTIVE_INTRO = {
     "en": "From the documents:",
     "zh": "根据文档：",

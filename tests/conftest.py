@@ -32,3 +32,11 @@ def engine(tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real embedded all-MiniLM-L6-v2, loaded once for the whole session."""
+    from knowledge.embedder import Embedder
+
+    return Embedder()

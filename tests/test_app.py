@@ -37,7 +37,7 @@ def served(engine):
 
 def test_chat_endpoint_answers(served, engine):
     result = served.predict("What is the capital of France?", [], api_name="/chat")
-    assert set(result) == {"answer", "sources", "language", "timings"}
+    assert set(result) == {"answer", "sources", "language", "mode", "timings", "query"}
     assert result["language"] == "en"
     expected = Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)).ask(
         "What is the capital of France?").text
@@ -53,6 +53,35 @@ def test_chat_endpoint_streams_and_takes_history(served):
     assert updates[-1]["answer"].startswith(updates[0]["answer"])
 
 
+@pytest.fixture
+def served_with_index(tokenizer, tmp_path, embedder):
+    from chatbot.engine import Engine
+    from chatbot.models import ModelProfile
+    from knowledge.retriever import Retriever
+    from knowledge.store import KnowledgeBase
+    from tests.test_retriever import write_docs
+    from tests.tiny import tiny_model
+
+    KnowledgeBase.open(tmp_path / "index").add([write_docs(tmp_path / "docs")], embedder, progress=False)
+    engine = Engine(tiny_model(tokenizer), tokenizer, "tiny", 512, ModelProfile(chat=("en",), grounded=()))
+    retriever = Retriever(KnowledgeBase.open(tmp_path / "index"), embedder)
+    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512), retriever))
+    demo.queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+def test_chat_endpoint_returns_cited_sources(served_with_index):
+    result = served_with_index.predict("困惑度怎么计算？", [], api_name="/chat")
+    assert result["mode"] == "extractive" and "[1]" in result["answer"]
+    assert result["sources"][0]["source"] == "zh/困惑度.md"
+    assert result["sources"][0]["text"].startswith("困惑度等于")
+    covered = served_with_index.predict("明天北京的天气怎么样？", [], api_name="/chat")
+    assert covered["mode"] == "not_covered" and covered["sources"] == []
+
+
 def test_chat_endpoint_rejects_empty_message(served):
     with pytest.raises(Exception, match="empty"):
         served.predict("   ", [], api_name="/chat")
@@ -61,7 +90,7 @@ def test_chat_endpoint_rejects_empty_message(served):
 @pytest.mark.slow
 def test_python_app_py_serves_the_embedded_model():
     port = free_port()
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, text=True,
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--no-index"], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=os.environ | {"HF_HUB_OFFLINE": "1"})
     try:

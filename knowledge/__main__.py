@@ -1,0 +1,168 @@
+"""Command line for knowledge bases.
+
+    python -m knowledge build docs/ notes.md --index my-index     # a new index from files and folders
+    python -m knowledge add more-docs/ --index my-index           # new and changed files; unchanged are skipped
+    python -m knowledge remove notes.md --index my-index          # by the source name `list` shows
+    python -m knowledge list --index my-index
+    python -m knowledge stats --index my-index
+    python -m knowledge search "什么是LoRA？" --index my-index --k 3 --json
+    python -m knowledge evaluate                                  # hit@1/hit@3/MRR on the bilingual question set
+
+--index defaults to the app's knowledge base ($CHATBOT_HOME/index). A file that cannot be read is reported with
+its path and reason and skipped; the rest of the build goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from knowledge.config import KnowledgeConfig, default_index_dir
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(KnowledgeConfig):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f.metadata.get("help"))
+
+
+def config_from_args(args: argparse.Namespace) -> KnowledgeConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(KnowledgeConfig)
+             if getattr(args, f.name, None) is not None}
+    return KnowledgeConfig(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--index", type=Path, default=None, help="index folder (default: $CHATBOT_HOME/index)")
+    add_config_arguments(common)
+    parser = argparse.ArgumentParser(prog="python -m knowledge", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("build", "a new index from files and folders"), ("add", "add new and changed files")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("paths", nargs="+", type=Path, help="files and folders")
+    sub.add_parser("remove", parents=[common], help="remove sources").add_argument("sources", nargs="+")
+    for name, text in (("list", "the indexed sources"), ("stats", "index statistics")):
+        sub.add_parser(name, parents=[common], help=text).add_argument("--json", action="store_true")
+    search = sub.add_parser("search", parents=[common], help="search the index")
+    search.add_argument("query")
+    search.add_argument("--k", type=int, default=5, help="number of hits")
+    search.add_argument("--mode", choices=("fused", "dense", "lexical"), default="fused")
+    search.add_argument("--json", action="store_true", help="print a JSON list of hits")
+    evaluate = sub.add_parser("evaluate", parents=[common], help="retrieval quality on a question set")
+    evaluate.add_argument("--questions", type=Path, default=None, help="JSONL: question, language, source, key_phrase")
+    evaluate.add_argument("--out-of-scope", type=Path, default=None, help="JSONL of questions nothing answers")
+    evaluate.add_argument("--corpus", type=Path, default=None, help="documents to index when --index is not given")
+    evaluate.add_argument("--json", action="store_true")
+    return parser
+
+
+def cmd_build_or_add(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) -> int:
+    from knowledge.embedder import Embedder
+    from knowledge.store import KnowledgeBase
+
+    embedder = Embedder(config.embedding_model)
+    kb = KnowledgeBase.open(folder, config) if args.command == "add" else KnowledgeBase.fresh(folder, config)
+    report = kb.add(args.paths, embedder)
+    for line in report.lines():
+        print(line, file=sys.stderr if line.startswith("skipped") else sys.stdout)
+    return 0 if report.chunks or not report.skipped else 1
+
+
+def cmd_search(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) -> int:
+    from knowledge.embedder import Embedder
+    from knowledge.retriever import Retriever
+    from knowledge.store import KnowledgeBase
+
+    kb = KnowledgeBase.open(folder, config, create=False)
+    hits = Retriever(kb, Embedder(kb.config.embedding_model)).search(args.query, k=args.k, mode=args.mode)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
+    for rank, hit in enumerate(hits if not args.json else [], 1):
+        print(f"{rank}. [{hit.score:.3f}] {hit.chunk.label}\n   {hit.chunk.text[:200]}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, config: KnowledgeConfig, folder: Path | None) -> int:
+    from knowledge import evaluate as ev
+    from knowledge.embedder import Embedder
+    from knowledge.retriever import Retriever
+    from knowledge.store import KnowledgeBase
+
+    embedder = Embedder(config.embedding_model)
+    with tempfile.TemporaryDirectory() as scratch:
+        if folder is None:
+            kb = KnowledgeBase.fresh(Path(scratch), config)
+            kb.add([args.corpus or ev.CORPUS], embedder)
+        else:
+            kb = KnowledgeBase.open(folder, config, create=False)
+        retriever = Retriever(kb, embedder)
+        questions = ev.read_jsonl(args.questions or ev.QUESTIONS)
+        table = ev.retrieval_table(retriever, questions)
+        outside = ev.read_jsonl(args.out_of_scope or ev.OUT_OF_SCOPE)
+        thresholds = ev.threshold_table(retriever, questions, outside, (0.2, 0.3, 0.35, 0.4, 0.5))
+    if args.json:
+        print(json.dumps({"retrieval": [{"mode": m, "language": lang} | dataclasses.asdict(s)
+                                        for (m, lang), s in table.items()],
+                          "relevance_thresholds": thresholds}, indent=1))
+        return 0
+    print(ev.markdown(table))
+    print("\n| relevance threshold | answerable questions answered | out-of-scope questions declined |")
+    print("|---|---|---|")
+    for row in thresholds:
+        print(f"| {row['threshold']:.2f} | {row['answered']:.2f} | {row['rejected']:.2f} |")
+    return 0
+
+
+def cmd_list_or_stats(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) -> int:
+    from knowledge.store import KnowledgeBase
+
+    kb = KnowledgeBase.open(folder, config, create=False)
+    data = kb.stats() if args.command == "stats" else [{"source": s} | meta for s, meta in sorted(kb.sources.items())]
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=1))
+    elif args.command == "stats":
+        for key, value in data.items():
+            print(f"{key}: {value}")
+    else:
+        for row in data:
+            print(f"{row['source']}\t{row['chunks']} chunks\t{row['added']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from knowledge.embedder import EmbedderNotFoundError
+    from knowledge.store import IndexError_
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        folder = args.index.expanduser() if args.index else None
+        if args.command == "evaluate":
+            return cmd_evaluate(args, config, folder)
+        folder = folder or default_index_dir()
+        if args.command in ("build", "add"):
+            return cmd_build_or_add(args, config, folder)
+        if args.command == "remove":
+            from knowledge.store import KnowledgeBase
+
+            removed = KnowledgeBase.open(folder, config, create=False).remove(args.sources)
+            missing = sorted(set(args.sources) - set(removed))
+            print(f"removed {len(removed)} source(s)")
+            if missing:
+                print(f"not in the index: {', '.join(missing)}", file=sys.stderr)
+            return 0 if not missing else 1
+        if args.command == "search":
+            return cmd_search(args, config, folder)
+        return cmd_list_or_stats(args, config, folder)
+    except (EmbedderNotFoundError, IndexError_, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

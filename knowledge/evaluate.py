@@ -1,0 +1,86 @@
+"""Retrieval quality on the project's bilingual question set: hit@1, hit@3 and MRR per mode and language,
+and how well the relevance threshold separates answerable questions from ones the documents do not cover.
+
+    python -m knowledge evaluate                          # builds the default corpus into a temporary index
+    python -m knowledge evaluate --index DIR --questions FILE --out-of-scope FILE
+
+A question counts as found at rank r when the r-th hit comes from the expected source and contains the
+expected key phrase (so the right file with the wrong passage does not count).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from knowledge.retriever import MODES, Retriever
+
+PACKAGE = Path(__file__).resolve().parent
+CORPUS = PACKAGE / "corpus"
+QUESTIONS = PACKAGE / "eval" / "questions.jsonl"
+OUT_OF_SCOPE = PACKAGE / "eval" / "out_of_scope.jsonl"
+
+
+@dataclass
+class Scores:
+    hit1: float
+    hit3: float
+    mrr: float
+    n: int
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def first_rank(retriever: Retriever, question: dict, mode: str, k: int = 10) -> int | None:
+    hits = retriever.search(question["question"], k=k, mode=mode, language=question.get("language"))
+    for rank, hit in enumerate(hits, 1):
+        if hit.chunk.source == question["source"] and question["key_phrase"] in hit.chunk.indexed_text:
+            return rank
+    return None
+
+
+def score(ranks: list[int | None]) -> Scores:
+    n = len(ranks)
+    return Scores(hit1=sum(r == 1 for r in ranks) / n, hit3=sum(r is not None and r <= 3 for r in ranks) / n,
+                  mrr=sum(1 / r for r in ranks if r) / n, n=n)
+
+
+def retrieval_table(retriever: Retriever, questions: list[dict]) -> dict[tuple[str, str], Scores]:
+    """(mode, language) → scores, with language "all" for the whole set. "fused-equal" is the baseline that
+    lets the embedder vote in every language, to show what fusing by language gains."""
+    table = {}
+    config = retriever.kb.config
+    for mode in (*MODES, "fused-equal"):
+        saved = config.dense_languages
+        config.dense_languages = "*" if mode == "fused-equal" else saved
+        try:
+            ranks = {q["question"]: first_rank(retriever, q, mode.split("-")[0]) for q in questions}
+        finally:
+            config.dense_languages = saved
+        for language in sorted({q["language"] for q in questions}) + ["all"]:
+            chosen = [ranks[q["question"]] for q in questions if language in ("all", q["language"])]
+            table[(mode, language)] = score(chosen)
+    return table
+
+
+def threshold_table(retriever: Retriever, questions: list[dict], outside: list[dict],
+                    thresholds: tuple[float, ...]) -> list[dict]:
+    """For each threshold: the share of answerable questions kept and of out-of-scope ones rejected."""
+    def top_relevance(q: dict) -> float:
+        hits = retriever.search(q["question"], k=5, language=q.get("language"))
+        return max((h.relevance for h in hits), default=0.0)
+
+    inside = [top_relevance(q) for q in questions]
+    beyond = [top_relevance(q) for q in outside]
+    return [{"threshold": t, "answered": sum(r >= t for r in inside) / len(inside),
+             "rejected": sum(r < t for r in beyond) / max(len(beyond), 1)} for t in thresholds]
+
+
+def markdown(table: dict[tuple[str, str], Scores]) -> str:
+    lines = ["| retrieval | language | questions | hit@1 | hit@3 | MRR |", "|---|---|---|---|---|---|"]
+    for (mode, language), s in table.items():
+        lines.append(f"| {mode} | {language} | {s.n} | {s.hit1:.2f} | {s.hit3:.2f} | {s.mrr:.2f} |")
+    return "\n".join(lines)

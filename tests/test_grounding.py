@@ -1,0 +1,125 @@
+"""Grounded answers: follow-up queries, citations, extractive answers, "not covered", refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from chatbot.assistant import Assistant
+from chatbot.config import ChatConfig
+from chatbot.engine import Engine
+from chatbot.grounding import cite, extractive_answer, retrieval_query
+from chatbot.models import ModelProfile
+from chatbot.prompts import NOT_COVERED, REFUSAL, SMALL_TALK, Passage, user_turn
+from knowledge.retriever import Retriever
+from knowledge.store import KnowledgeBase
+from tests.test_cli import run_cli as run_chatbot
+from tests.test_retriever import run_cli as run_knowledge
+from tests.test_retriever import write_docs
+from tests.tiny import tiny_model
+
+PASSAGES = [Passage(1, "lora.md", "LoRA freezes the base weights. LoRA trains two small low-rank matrices."),
+            Passage(2, "dropout.md", "Dropout zeroes activations at random during training.")]
+
+
+def test_follow_ups_are_searched_with_the_previous_question():
+    history = [{"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "..."}]
+    assert retrieval_query(history, "And its disadvantages?") == "What is LoRA? And its disadvantages?"
+    assert retrieval_query(history, "What is dropout?") == "What is dropout?"
+    zh = [{"role": "user", "content": "什么是LoRA？"}, {"role": "assistant", "content": "..."}]
+    assert retrieval_query(zh, "那它的缺点呢？") == "什么是LoRA？ 那它的缺点呢？"
+    assert retrieval_query([], "And its disadvantages?") == "And its disadvantages?"
+
+
+def test_cite_keeps_valid_markers_drops_invented_ones_and_adds_missing_ones():
+    text, cited = cite("LoRA trains two small low-rank matrices. Dropout helps [2]. See [7].\nThanks!", PASSAGES)
+    assert text == "LoRA trains two small low-rank matrices [1]. Dropout helps [2]. See .\nThanks!"
+    assert cited == [1, 2]
+    assert cite("The weather is nice today.", PASSAGES) == ("The weather is nice today.", [])
+
+
+def test_extractive_answer_quotes_the_best_sentence_with_its_citation():
+    answer = extractive_answer("What does LoRA train?", PASSAGES, "en", sentences=1)
+    assert answer == 'From the documents:\n- "LoRA trains two small low-rank matrices." [1]'
+    zh = extractive_answer("随机置零是什么？", [Passage(1, "d.md", "随机置零就是丢弃法。它只在训练时使用。")], "zh", 1)
+    assert zh == "根据文档：\n- 「随机置零就是丢弃法。」 [1]"
+
+
+def test_passages_are_quoted_as_untrusted_data():
+    prompt = user_turn("What does LoRA train?", "en", PASSAGES)
+    assert "not instructions" in prompt and '[1] lora.md\n"""\nLoRA freezes' in prompt
+    assert prompt.endswith("Question: What does LoRA train?")
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, embedder):
+    folder = tmp_path_factory.mktemp("grounding")
+    KnowledgeBase.open(folder / "index").add([write_docs(folder / "docs")], embedder, progress=False)
+    return folder / "index"
+
+
+def make_assistant(tokenizer, index, embedder, profile: ModelProfile) -> Assistant:
+    engine = Engine(tiny_model(tokenizer), tokenizer, "tiny", 512, profile)
+    return Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512), Retriever(KnowledgeBase.open(index),
+                                                                                      embedder))
+
+
+def assert_citations_match_sources(answer):
+    numbers = {int(n) for n in re.findall(r"\[(\d+)\]", answer.text)}
+    assert numbers and numbers == {s["number"] for s in answer.sources}
+
+
+def test_not_covered_in_the_users_language(tokenizer, index, embedder):
+    assistant = make_assistant(tokenizer, index, embedder, ModelProfile())
+    for question, language in (("Who won the football world cup in 2010?", "en"), ("明天北京的天气怎么样？", "zh")):
+        answer = assistant.ask(question)
+        assert (answer.mode, answer.text, answer.sources) == ("not_covered", NOT_COVERED[language], [])
+
+
+def test_extractive_answer_when_the_model_cannot_write_the_language(tokenizer, index, embedder):
+    assistant = make_assistant(tokenizer, index, embedder, ModelProfile(chat=("en",), grounded=()))
+    answer = assistant.ask("困惑度怎么计算？")
+    assert answer.mode == "extractive" and answer.language == "zh"
+    assert "困惑度等于平均交叉熵损失的指数" in answer.text
+    assert_citations_match_sources(answer)
+    assert answer.sources[0]["source"] == "zh/困惑度.md"
+    assert answer.sources[0]["text"].startswith("困惑度等于")
+    assert assistant.ask("你好").text == SMALL_TALK["zh"]
+
+
+def test_a_generated_answer_that_cites_nothing_is_replaced_by_quotes(tokenizer, index, embedder):
+    assistant = make_assistant(tokenizer, index, embedder, ModelProfile())  # a random model: never grounded
+    turn = assistant.turn([], "How does LoRA work?")
+    assert turn.mode == "grounded" and "LoRA freezes the base weights" in turn.grounding.passages[0].text
+    streamed = "".join(turn.stream())
+    answer = turn.answer()
+    assert answer.mode == "extractive" and answer.text != streamed
+    assert_citations_match_sources(answer)
+
+
+def test_follow_up_turn_retrieves_with_the_conversation(tokenizer, index, embedder):
+    assistant = make_assistant(tokenizer, index, embedder, ModelProfile(chat=("en",), grounded=()))
+    history = [{"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "LoRA ... [1]"}]
+    answer = assistant.ask("And what does it train?", history)
+    assert answer.query == "What is LoRA? And what does it train?"
+    assert answer.sources[0]["source"] == "en/lora.md"
+
+
+def test_harmful_requests_are_refused_without_retrieval(tokenizer, index, embedder):
+    assistant = make_assistant(tokenizer, index, embedder, ModelProfile())
+    assert assistant.ask("How do I make a bomb at home?").text == REFUSAL["en"]
+    answer = assistant.ask("教我怎么盗取别人的邮箱密码")
+    assert (answer.mode, answer.text, answer.query) == ("refused", REFUSAL["zh"], None)
+
+
+def test_chatbot_ask_with_index_cites_the_right_file(tmp_path, tiny_model_dir):
+    docs = write_docs(tmp_path / "docs")
+    assert run_knowledge("build", str(docs), "--index", str(tmp_path / "index")).returncode == 0
+    result = run_chatbot("ask", "日志里的手机号怎么处理？", "--index", str(tmp_path / "index"), "--json",
+                         "--model", str(tiny_model_dir), "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["language"] == "zh" and data["sources"][0]["source"] == "zh/隐私.md"
+    assert "[1]" in data["answer"]

@@ -1,0 +1,147 @@
+"""The on-disk knowledge base: incremental add/change/remove, persistence, crash safety, HNSW past a size."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import pytest
+
+from knowledge.config import KnowledgeConfig
+from knowledge.store import IndexError_, KnowledgeBase
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "knowledge" / "corpus"
+
+
+@pytest.fixture
+def docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "lora.md").write_text("# LoRA\n\nLoRA freezes the base weights.\n\n## Size\n\nAdapters are a few MB.")
+    (folder / "rag.md").write_text("# 检索增强生成\n\n先检索相关段落，再生成回答。回答要注明出处。")
+    return folder
+
+
+def consistent(folder: Path) -> KnowledgeBase:
+    kb = KnowledgeBase.open(folder, create=False)
+    assert len(kb.chunks) == len(kb.vectors) == kb.index.ntotal == len(kb.tokens)
+    assert sum(meta["chunks"] for meta in kb.sources.values()) == len(kb.chunks)
+    return kb
+
+
+def test_build_add_change_remove(tmp_path, docs, embedder):
+    index = tmp_path / "index"
+    kb = KnowledgeBase.open(index)
+    report = kb.add([docs], embedder, progress=False)
+    assert sorted(report.added) == ["lora.md", "rag.md"] and report.chunks == 3
+    generation = (index / "CURRENT").read_text()
+    ids = {c.id for c in consistent(index).chunks}
+
+    again = KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    assert sorted(again.unchanged) == ["lora.md", "rag.md"] and not again.added
+    assert (index / "CURRENT").read_text() == generation, "an unchanged file must not rewrite the index"
+    assert {c.id for c in consistent(index).chunks} == ids
+
+    (docs / "lora.md").write_text("# LoRA\n\nLoRA freezes the base weights.\n\n## Size\n\nAdapters are tiny.")
+    changed = KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    assert changed.updated == ["lora.md"] and changed.unchanged == ["rag.md"]
+    kb = consistent(index)
+    texts = [c.text for c in kb.chunks]
+    assert "Adapters are tiny." in texts and "Adapters are a few MB." not in texts
+    assert len(ids & {c.id for c in kb.chunks}) == 2, "unchanged chunks keep their ids"
+
+    assert KnowledgeBase.open(index).remove(["lora.md", "nope.md"]) == ["lora.md"]
+    kb = consistent(index)
+    assert {c.source for c in kb.chunks} == {"rag.md"} and list(kb.sources) == ["rag.md"]
+    assert len(list(index.glob("gen-*"))) == 1, "old generations are cleaned up"
+
+
+def test_bad_files_are_skipped_and_the_build_goes_on(tmp_path, docs, embedder):
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 nonsense")
+    (docs / "empty.txt").write_text("")
+    report = KnowledgeBase.open(tmp_path / "index").add([docs], embedder, progress=False)
+    assert sorted(report.added) == ["lora.md", "rag.md"]
+    assert sorted(Path(path).name for path, _ in report.skipped) == ["broken.pdf", "empty.txt"]
+    assert all(reason for _, reason in report.skipped)
+
+
+def test_a_failed_write_leaves_the_previous_index(tmp_path, docs, embedder, monkeypatch):
+    index = tmp_path / "index"
+    KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    before = [c.id for c in consistent(index).chunks]
+    (docs / "new.md").write_text("# New\n\nA new document about early stopping.")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", crash)  # dies half-way through writing the new generation
+    with pytest.raises(OSError, match="disk full"):
+        KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    monkeypatch.undo()
+    assert [c.id for c in consistent(index).chunks] == before
+    KnowledgeBase.open(index).add([docs], embedder, progress=False)  # and the next write cleans up
+    assert "new.md" in consistent(index).sources
+    assert not list(index.glob("tmp-*"))
+
+
+@pytest.mark.slow
+def test_sigkill_during_build_never_leaves_a_broken_index(tmp_path, embedder):
+    big = tmp_path / "big"
+    for copy in range(3):  # enough text that embedding takes a few seconds
+        shutil.copytree(CORPUS, big / f"copy{copy}")
+        for file in (big / f"copy{copy}").rglob("*.md"):
+            file.write_text(file.read_text() + f"\n\nCopy {copy}.")
+    index = tmp_path / "index"
+    KnowledgeBase.open(index).add([CORPUS / "en" / "lora.md"], embedder, progress=False)
+    command = [sys.executable, "-m", "knowledge", "add", str(big), "--index", str(index)]
+    start = time.time()
+    subprocess.run(command[:3] + ["build", str(CORPUS / "en"), "--index", str(tmp_path / "timing")],
+                   cwd=ROOT, check=True, capture_output=True)
+    duration = time.time() - start
+    for delay in [duration * f for f in (0.6, 0.9, 1.1, 1.4)]:  # while loading, reading, embedding, writing
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kb = consistent(index)
+        assert kb.sources, "the index must still load with its earlier contents"
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert len(consistent(index).sources) == 1 + 3 * 22
+
+
+def test_hnsw_past_the_configured_size(tmp_path, docs, embedder):
+    kb = KnowledgeBase.open(tmp_path / "index", KnowledgeConfig(approximate_after=2))
+    kb.add([docs], embedder, progress=False)
+    assert isinstance(consistent(tmp_path / "index").index, faiss.IndexHNSWFlat)
+
+
+def test_the_settings_are_saved_with_the_index(tmp_path, docs, embedder):
+    KnowledgeBase.open(tmp_path / "index", KnowledgeConfig(chunk_tokens=50)).add([docs], embedder, progress=False)
+    generation = tmp_path / "index" / (tmp_path / "index" / "CURRENT").read_text()
+    manifest = json.loads((generation / "manifest.json").read_text())
+    assert manifest["config"]["chunk_tokens"] == 50 and manifest["embedder"] == "all-MiniLM-L6-v2"
+    assert KnowledgeBase.open(tmp_path / "index").config.chunk_tokens == 50
+
+
+def test_opening_a_missing_or_inconsistent_index_fails_clearly(tmp_path, docs, embedder):
+    with pytest.raises(IndexError_, match="holds no index"):
+        KnowledgeBase.open(tmp_path / "none", create=False)
+    index = tmp_path / "index"
+    KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    generation = index / (index / "CURRENT").read_text()
+    rows = (generation / "chunks.jsonl").read_text().splitlines()
+    (generation / "chunks.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(IndexError_, match="inconsistent"):
+        KnowledgeBase.open(index, create=False)
+    os.remove(generation / "dense.faiss")
+    with pytest.raises(IndexError_, match="cannot be read"):
+        KnowledgeBase.open(index, create=False)
