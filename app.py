@@ -31,6 +31,7 @@ from chatbot.assistant import Answer, Assistant, Turn  # noqa: E402
 from chatbot.chat_format import message_text  # noqa: E402
 from chatbot.config import ChatConfig, add_config_arguments, config_from_args  # noqa: E402
 from chatbot.engine import PromptTooLongError  # noqa: E402
+from chatbot.feedback import FeedbackLog  # noqa: E402
 from chatbot.models import ModelNotFoundError  # noqa: E402
 from knowledge.config import DEFAULT_CORPUS, default_index_dir  # noqa: E402
 from knowledge.embedder import Embedder, EmbedderNotFoundError  # noqa: E402
@@ -62,11 +63,13 @@ def sources_markdown(answer: Answer) -> str:
 
 
 class ChatApp:
-    """The UI's callbacks. Turns in progress are kept by browser session so that Stop ends the right one."""
+    """The UI's callbacks. Turns in progress are kept by browser session so that Stop ends the right one, and
+    finished answers (with the prompt behind them) so that a like or dislike can be logged with its context."""
 
-    def __init__(self, assistant: Assistant):
-        self.assistant = assistant
+    def __init__(self, assistant: Assistant, feedback: FeedbackLog):
+        self.assistant, self.feedback_log = assistant, feedback
         self.running: dict[str, Turn] = {}
+        self.answers: dict[str, dict[int, dict]] = {}  # session → chat message index → what was answered
 
     def _turn(self, message: str, history: list[dict] | None) -> Turn:
         try:
@@ -92,10 +95,23 @@ class ChatApp:
             self.running.pop(request.session_hash, None)
         answer = turn.answer()
         messages[-1]["content"] = answer.text
+        self.answers.setdefault(request.session_hash, {})[len(messages) - 1] = {
+            "conversation": model_history(messages), "answer": answer.to_dict(), "prompt": turn.messages}
         if answer.sources:
             messages.append({"role": "assistant", "content": sources_markdown(answer),
                              "metadata": {"title": f"{SOURCES_TITLE} ({len(answer.sources)})", "status": "done"}})
         yield "", messages
+
+    def rate(self, comment: str, data: gr.LikeData, request: gr.Request) -> tuple[str, str]:
+        """Log a like or dislike (the sources box counts for the answer above it); clears the comment box."""
+        answered = self.answers.get(request.session_hash, {})
+        index = data.index if isinstance(data.index, int) else data.index[0]
+        record = answered.get(index) or answered.get(index - 1)
+        if record is None or data.liked not in (True, False):
+            return comment, "Rate one of the bot's answers · 请对机器人的回答评分"
+        self.feedback_log.record(bool(data.liked), comment or "", record["conversation"], record["answer"],
+                                 self.assistant.engine.name, record["prompt"])
+        return "", "Thanks for the feedback · 感谢反馈"
 
     def stop(self, request: gr.Request) -> None:
         turn = self.running.get(request.session_hash)
@@ -145,8 +161,8 @@ class ChatApp:
         return gr.update(choices=[row[0] for row in self.sources_table()], value=[])
 
 
-def build_app(assistant: Assistant) -> gr.Blocks:
-    app = ChatApp(assistant)
+def build_app(assistant: Assistant, feedback: FeedbackLog | None = None) -> gr.Blocks:
+    app = ChatApp(assistant, feedback or FeedbackLog())
     with gr.Blocks(title="Bilingual chatbot") as demo:
         index = assistant.retriever.kb.folder if assistant.retriever else None
         gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel `{assistant.engine.name}` · "
@@ -160,7 +176,11 @@ def build_app(assistant: Assistant) -> gr.Blocks:
                                      show_label=False, scale=8, autofocus=True)
                 send = gr.Button("Send", variant="primary", scale=1)
                 stop = gr.Button("Stop", variant="stop", scale=1)
-            clear = gr.ClearButton([chatbot, textbox], value="New conversation · 新对话")
+            with gr.Row():
+                comment = gr.Textbox(show_label=False, scale=6, placeholder="Optional comment, then 👍 or 👎 "
+                                     "on an answer · 可先写评论，再点赞或点踩")
+                rated = gr.Markdown()
+                clear = gr.ClearButton([chatbot, textbox], value="New conversation · 新对话", scale=2)
             gr.Examples(EXAMPLES, inputs=textbox, label="Examples · 示例")
         with gr.Tab("Knowledge base · 知识库", visible=index is not None):
             files = gr.File(label="Upload documents · 上传文档", file_count="multiple",
@@ -177,6 +197,7 @@ def build_app(assistant: Assistant) -> gr.Blocks:
         for trigger in (textbox.submit, send.click):
             trigger(app.respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",
                     concurrency_id="model")
+        chatbot.like(app.rate, comment, [comment, rated], api_visibility="private", queue=False)
         stop.click(app.stop, None, None, queue=False, api_visibility="private")
         clear.click(app.stop, None, None, queue=False, api_visibility="private")
         add.click(app.upload, files, [status, table, chosen], api_visibility="private", concurrency_id="model")

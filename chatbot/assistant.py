@@ -71,7 +71,7 @@ class Turn:
                  grounding: Grounding | None = None, finish: Callable[[str], tuple[str, str]] | None = None,
                  messages: list[Message] | None = None):
         self.language, self.mode, self.grounding = language, mode, grounding
-        self.messages = messages  # the prompt, when the model writes the answer
+        self.messages = messages  # the prompt the model sees (or would see, for quoted and fixed answers)
         self._produce, self._finish = produce, finish
         self.stop = threading.Event()
         self.pieces: list[str] = []
@@ -148,23 +148,26 @@ class Assistant:
             raise ValueError("The question is empty.")
         language = conversation_language(history, question)
         intent = classify(question)
+        # `plain` is the prompt without passages; fixed replies carry it too, so that a liked answer can become
+        # training data in exactly the format the model is served with.
+        plain = self._messages(history, user_turn(question, language))
         if intent in ("harmful", "self_harm"):
-            return Turn(language, "refused", _fixed(localized(REFUSAL if intent == "harmful" else SELF_HARM,
-                                                              language)))
+            reply = localized(REFUSAL if intent == "harmful" else SELF_HARM, language)
+            return Turn(language, "refused", _fixed(reply), messages=plain)
         if intent == "small_talk" or self.retriever is None:
-            if not self.engine.profile.writes(language, grounded=False) and intent == "small_talk":
-                return Turn(language, "chat", _fixed(localized(SMALL_TALK, language)))
-            messages = self._messages(history, user_turn(question, language))
-            return Turn(language, "chat", self._generate(messages), messages=messages)
+            if intent == "small_talk" and not self.engine.profile.writes(language, grounded=False):
+                return Turn(language, "chat", _fixed(localized(SMALL_TALK, language)), messages=plain)
+            return Turn(language, "chat", self._generate(plain), messages=plain)
         grounding = ground(self.retriever, history, question, language, self.config.min_relevance,
                            self.config.passages)
         if not grounding.passages:
-            return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding)
+            return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding,
+                        messages=plain)
+        messages = self._messages(history, user_turn(question, language, grounding.passages))
         extractive = extractive_answer(grounding.query, grounding.passages, language,
                                        score=self._sentence_scorer(language))
         if not self.engine.profile.writes(language, grounded=True):
-            return Turn(language, "extractive", _fixed(extractive), grounding)
-        messages = self._messages(history, user_turn(question, language, grounding.passages))
+            return Turn(language, "extractive", _fixed(extractive), grounding, messages=messages)
 
         def finish(text: str) -> tuple[str, str]:
             cited_text, cited = cite(text, grounding.passages)

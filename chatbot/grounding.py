@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from chatbot.chat_format import Message, message_text
+from chatbot.intent import looks_like_injection
 from chatbot.prompts import EXTRACTIVE_INTRO, Passage, localized
 from knowledge.chunking import join_sentences, split_sentences
 from knowledge.lexical import tokenize
@@ -25,6 +26,7 @@ _FOLLOW_UP = re.compile(
     r"|\b(it|its|it's|they|them|their|these|those|the former|the latter)\b"
     r"|^(那|那么|还有|而且?|另外|此外)|它|这种|这个|那个|上述|前者|后者",
     re.IGNORECASE)
+INJECTION_REMOVED = "(An instruction addressed to the assistant was removed from this passage.)"
 _CITATION = re.compile(r"\[(\d{1,2})\]")
 
 
@@ -58,8 +60,18 @@ def ground(retriever: Retriever, history: Sequence[Message], question: str, lang
            threshold: float, k: int) -> Grounding:
     query = retrieval_query(history, question)
     hits = select_passages(retriever.search(query, k=3 * k, language=language), language, threshold, k)
-    passages = [Passage(i, h.chunk.label, h.chunk.text) for i, h in enumerate(hits, 1)]
+    passages = [Passage(i, h.chunk.label, defuse(h.chunk.text)) for i, h in enumerate(hits, 1)]
     return Grounding(query, passages, hits)
+
+
+def defuse(text: str) -> str:
+    """The passage without sentences that try to instruct the assistant (prompt injection): the model never
+    reads them, and an extractive answer can never quote them. The sources panel still shows the original."""
+    sentences = split_sentences(text)
+    kept = [s for s in sentences if not looks_like_injection(s)]
+    if len(kept) == len(sentences):
+        return text
+    return join_sentences([*kept, INJECTION_REMOVED])
 
 
 def _support(sentence: str, passage: Passage) -> float:
@@ -77,7 +89,7 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
     terms each contains."""
     score = score or term_overlap
     candidates = [(passage.number, position, sentence) for passage in passages
-                  for position, sentence in enumerate(split_sentences(passage.text))]
+                  for position, sentence in enumerate(split_sentences(passage.text)) if sentence != INJECTION_REMOVED]
     ratings = score(question, [sentence for _, _, sentence in candidates]) if candidates else []
     # Ties go to the better passage and then to the earlier sentence, which usually defines the topic.
     ranked = sorted(zip(ratings, candidates, strict=True), key=lambda rc: (-rc[0], rc[1][0], rc[1][1]))
