@@ -164,8 +164,8 @@ class Assistant:
             return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding,
                         messages=plain)
         messages = self._messages(history, user_turn(question, language, grounding.passages))
-        extractive = extractive_answer(grounding.query, grounding.passages, language,
-                                       score=self._sentence_scorer(language))
+        extractive = extractive_answer(question, grounding.passages, language,
+                                       score=self._sentence_scorer(language, grounding.query))
         if not self.engine.profile.writes(language, grounded=True):
             return Turn(language, "extractive", _fixed(extractive), grounding, messages=messages)
 
@@ -176,17 +176,25 @@ class Assistant:
 
         return Turn(language, "grounded", self._generate(messages), grounding, finish, messages)
 
-    def _sentence_scorer(self, language: str) -> Callable[[str, list[str]], list[float]]:
+    def _sentence_scorer(self, language: str, query: str) -> Callable[[str, list[str]], list[float]]:
         """How well sentences answer a question: IDF-weighted term overlap, plus the embedder's cosine
-        similarity in the languages it knows (it finds "trains two small matrices" for "What does LoRA train?")."""
+        similarity in the languages it knows (it finds "trains two small matrices" for "What does LoRA train?").
+        For a follow-up, the question itself counts double the searched `query` (which adds the previous
+        question): after "什么是LoRA？", "那它的秩怎么选？" is about the rank, not the definition."""
         retriever = self.retriever
 
-        def score(question: str, sentences: list[str]) -> list[float]:
-            overlap = term_overlap(question, sentences, retriever.lexical.idf)
+        def similarity(text: str, sentences: list[str]) -> list[float]:
+            overlap = term_overlap(text, sentences, retriever.lexical.idf)
             if not retriever.kb.config.uses_dense(language):
                 return overlap
-            vectors = retriever.embedder.encode([question, *sentences])
+            vectors = retriever.embedder.encode([text, *sentences])
             return [o + float(c) for o, c in zip(overlap, vectors[1:] @ vectors[0], strict=True)]
+
+        def score(question: str, sentences: list[str]) -> list[float]:
+            own = similarity(question, sentences)
+            if query == question:
+                return own
+            return [o + 0.5 * c for o, c in zip(own, similarity(query, sentences), strict=True)]
 
         return score
 

@@ -67,6 +67,25 @@ class _StopOnEvent(StoppingCriteria):
         return self.event.is_set()
 
 
+class _StopOnLoop(StoppingCriteria):
+    """Ends a reply caught in a loop: the last `size` generated tokens already occurred twice before in it.
+
+    Greedy decoding of a small model sometimes repeats one sentence until max_new_tokens ("I'm glad to have you
+    as a math tutor. I'm glad to have you as a math tutor. ..."); this saves those seconds."""
+
+    def __init__(self, prompt_length: int, size: int = 8):
+        self.prompt_length, self.size = prompt_length, size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:
+        generated = input_ids[0, self.prompt_length:].tolist()
+        if len(generated) < 3 * self.size:
+            return False
+        tail = generated[-self.size:]
+        earlier = generated[:-self.size]
+        count = sum(earlier[i:i + self.size] == tail for i in range(len(earlier) - self.size + 1))
+        return count >= 2
+
+
 class Engine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model",
                  context_tokens: int = 2048, profile: ModelProfile | None = None):
@@ -109,7 +128,7 @@ class Engine:
             max_new_tokens=options.max_new_tokens,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id or self.eos_token_ids[0],
-            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), _StopOnLoop(len(ids))]),
             streamer=streamer,
         )
         if options.temperature > 0:

@@ -29,7 +29,7 @@ import yaml
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # International (+86 138 0013 8000), Chinese mobile (13800138000), North American ((555) 123-4567) and
 # other grouped numbers of 7+ digits; years and short numbers stay.
-PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s-]?)?(?:\(\d{2,4}\)[\s-]?)?\d{2,4}(?:[\s-]?\d{3,4}){1,3}(?![\w.])")
+PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s-]?)?(?:\(\d{2,4}\)[\s-]?)?\d{2,4}(?:[\s-]?\d{3,4}){1,3}(?!\w|\.\d)")
 MIN_PHONE_DIGITS = 7
 
 

@@ -23,7 +23,8 @@ Expectations: contains / not_contains (text or list; case-insensitive), contains
 list), language (en/zh), cites (source names that must be among the turn's sources), no_sources (true),
 refusal (true), mode (chat/grounded/extractive/not_covered/refused), max_latency_s, similar_to (text, or
 {text, threshold}: cosine similarity with the bundled embedder, default threshold 0.6), comment (ignored).
-Unknown keys are errors reported with file and line. The exit status is 1 when any turn fails.
+Unknown keys are errors reported with file and line. The exit status is 1 when any turn fails. With --url the
+app's own model and knowledge base answer: dialogues whose settings name another index are skipped.
 """
 
 from __future__ import annotations
@@ -208,10 +209,11 @@ def check(expect: dict[str, Any], reply: dict[str, Any], latency_s: float,
 class LocalBackend:
     """Answers in this process. Models, indexes and the embedder are loaded once and shared by dialogues."""
 
-    def __init__(self):
+    def __init__(self, cache: Path | None = None):
         self.engines: dict[str | None, Any] = {}
-        self.retrievers: dict[str, Any] = {}
+        self.retrievers: dict[Path, Any] = {}
         self._embedder = None
+        self.cache = cache  # where folders of documents are indexed (default: the app's data folder)
 
     @property
     def embedder(self):
@@ -232,8 +234,8 @@ class LocalBackend:
             if (folder / "CURRENT").is_file():  # an index folder
                 kb = KnowledgeBase.open(folder, create=False)
             else:  # documents: indexed once into the data folder, then kept up to date incrementally
-                cache = default_index_dir().parent / "regress-indexes" / re.sub(r"\W+", "_", str(folder))
-                kb = KnowledgeBase.open(cache)
+                cache = self.cache or default_index_dir().parent / "regress-indexes"
+                kb = KnowledgeBase.open(cache / re.sub(r"\W+", "_", str(folder)))
                 kb.add([folder], self.embedder, progress=False)
             self.retrievers[folder] = Retriever(kb, self.embedder)
         return self.retrievers[folder]
@@ -339,8 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     local = None if args.url else LocalBackend()
     backend = RemoteBackend(args.url) if args.url else local
     similarity = similarity_function(local)
-    outcomes = []
+    outcomes, skipped = [], []
     for dialogue in dialogues:
+        if args.url and dialogue.settings.get("index", "default") != "default":
+            # A running app answers from its own knowledge base; a dialogue made for another one cannot run there.
+            skipped.append(dialogue)
+            print(f"SKIP  {dialogue.id:<60} needs index {dialogue.settings['index']!r}; the app at --url uses its own")
+            continue
         start = time.perf_counter()
         results = run_dialogue(dialogue, backend, similarity)
         outcomes.append((dialogue, results, time.perf_counter() - start))
@@ -351,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             print("      " + failure_report(dialogue, results).replace("\n", "\n      "))
     failed = [d for d, results, _ in outcomes if any(r.failures for r in results)]
     print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} dialogues passed"
+          + (f", {len(skipped)} skipped" if skipped else "")
           + (f"; failed: {', '.join(d.id for d in failed)}" if failed else ""))
     if args.junit:
         write_junit(args.junit, outcomes)

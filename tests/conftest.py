@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from chatbot.engine import Engine
@@ -40,3 +43,48 @@ def embedder():
     from knowledge.embedder import Embedder
 
     return Embedder()
+
+
+# ----- scripted dialogues: every tests/dialogues/*.yaml becomes one test per dialogue ------------------------
+def pytest_collect_file(parent, file_path):
+    if file_path.suffix in (".yaml", ".yml") and file_path.parent.name == "dialogues":
+        return DialogueFile.from_parent(parent, path=file_path)
+    return None
+
+
+class DialogueFile(pytest.File):
+    def collect(self):
+        from chatbot.regress import load_dialogues
+
+        for dialogue in load_dialogues(self.path):
+            yield DialogueItem.from_parent(self, name=dialogue.name, dialogue=dialogue)
+
+
+class DialogueItem(pytest.Item):
+    backend = None  # one LocalBackend for the session: the model and indexes load once
+
+    def __init__(self, *, dialogue, **kwargs):
+        super().__init__(**kwargs)
+        self.dialogue = dialogue
+
+    def runtest(self):
+        from chatbot.regress import LocalBackend, failure_report, run_dialogue, similarity_function
+
+        if DialogueItem.backend is None:
+            DialogueItem.backend = LocalBackend(cache=Path(tempfile.mkdtemp(prefix="dialogue-indexes-")))
+        backend = DialogueItem.backend
+        results = run_dialogue(self.dialogue, backend, similarity_function(backend))
+        if any(r.failures for r in results):
+            raise DialogueFailure(failure_report(self.dialogue, results))
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, DialogueFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, self.dialogue.line - 1, f"dialogue: {self.dialogue.name}"
+
+
+class DialogueFailure(AssertionError):
+    """A dialogue whose replies missed their expectations; the message lists each one."""

@@ -104,3 +104,12 @@ def test_engine_trims_long_history_to_context(engine):
     assert len(fitted) < len(messages)
     assert engine.count_tokens(fitted) <= engine.context_tokens - 32
     assert "".join(engine.stream(messages, GenerationOptions(max_new_tokens=32))) is not None
+
+
+def test_a_reply_caught_in_a_loop_is_ended(tokenizer):
+    from chatbot.engine import _StopOnLoop
+
+    criterion = _StopOnLoop(prompt_length=2, size=3)
+    assert not criterion(torch.tensor([[9, 9] + [5, 6, 7, 8, 1, 2, 3] + [5, 6, 7]]), None), "a repeat is allowed"
+    assert criterion(torch.tensor([[9, 9] + [5, 6, 7, 8] * 2 + [5, 6, 7]]), None), "the third time is a loop"
+    assert not criterion(torch.tensor([[9, 9] + list(range(20, 40))]), None)
