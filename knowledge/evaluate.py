@@ -82,5 +82,5 @@ def threshold_table(retriever: Retriever, questions: list[dict], outside: list[d
 def markdown(table: dict[tuple[str, str], Scores]) -> str:
     lines = ["| retrieval | language | questions | hit@1 | hit@3 | MRR |", "|---|---|---|---|---|---|"]
     for (mode, language), s in table.items():
-        lines.append(f"| {mode} | {language} | {s.n} | {s.hit1:.2f} | {s.hit3:.2f} | {s.mrr:.2f} |")
+        lines.append(f"| {mode} | {language} | {s.n} | {s.hit1:.3f} | {s.hit3:.3f} | {s.mrr:.3f} |")
     return "\n".join(lines)

@@ -1,8 +1,12 @@
-"""Lexical retrieval: BM25 over words, with jieba segmenting Chinese.
+"""Lexical retrieval: BM25 over words, with jieba segmenting Chinese, plus BM25 over Chinese characters.
 
 English is lower-cased and split into words; runs of Chinese characters go through jieba's search mode
 (which also emits the shorter words inside long ones: 检索增强生成 → 检索, 增强, 生成, 检索增强生成). Common
 function words of both languages are dropped, so "什么是LoRA？" searches for "lora" alone.
+
+A query with Chinese in it is also matched character by character, and the two rankings are fused: words
+are precise, characters catch paraphrases that segment differently ("停下来" / "停止"). On the project's
+evaluation set this raised Chinese hit@1 from 0.789 to 0.842 and hit@3 from 0.947 to 0.965 (README).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import bm25s
 import numpy as np
 
 _RUN = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+)|([A-Za-z0-9\u00c0-\u024f]+(?:[-_.'][A-Za-z0-9]+)*)")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 STOPWORDS = frozenset("""
 a an the and or but if then than so of to in on at by for with from into about as is are was were be been being
 do does did doing have has had having i me my we our you your he she it its they them their this that these those
@@ -63,15 +68,35 @@ def _stem(word: str) -> str:
     return word
 
 
-class LexicalIndex:
-    """BM25 over pre-tokenised chunks; built in memory from the tokens stored with the index (fast)."""
+def character_terms(text: str) -> list[str]:
+    """Chinese characters one by one (without function characters like 的 and 是), other words as `tokenize`."""
+    terms: list[str] = []
+    for han, word in _RUN.findall(text):
+        terms += [c for c in han if c not in STOPWORDS] if han else _latin_terms(word.lower())
+    return [t for t in terms if t not in STOPWORDS]
 
-    def __init__(self, token_lists: list[list[str]]):
+
+def _bm25(token_lists: list[list[str]]) -> bm25s.BM25:
+    bm25 = bm25s.BM25()
+    if token_lists:
+        # An empty chunk would break bm25s; a placeholder token that no query produces keeps positions.
+        bm25.index([tokens or ["\x00"] for tokens in token_lists], show_progress=False)
+    return bm25
+
+
+def _ranks(scores: np.ndarray, pool: int) -> dict[int, int]:
+    top = np.argsort(-scores)[:pool]
+    return {int(row): rank for rank, row in enumerate((r for r in top if scores[r] > 0), 1)}
+
+
+class LexicalIndex:
+    """BM25 over pre-tokenised chunks (word terms stored with the index) and over their characters; built in
+    memory when an index is opened (fast)."""
+
+    def __init__(self, token_lists: list[list[str]], texts: list[str]):
         self.size = len(token_lists)
-        self.bm25 = bm25s.BM25()
-        if self.size:
-            # An empty chunk would break bm25s; a placeholder token that no query produces keeps positions.
-            self.bm25.index([tokens or ["\x00"] for tokens in token_lists], show_progress=False)
+        self.bm25 = _bm25(token_lists)
+        self.characters = _bm25([character_terms(t) for t in texts]) if _HAN.search("".join(texts)) else None
         document_frequency: dict[str, int] = {}
         for tokens in token_lists:
             for term in set(tokens):
@@ -86,6 +111,19 @@ class LexicalIndex:
         if not self.size or not query_terms:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self.bm25.get_scores(query_terms), dtype=np.float32)
+
+    def search(self, query: str, pool: int, rrf_k: int = 60) -> dict[int, float]:
+        """Row → score of the best `pool` chunks: BM25 over words, fused with BM25 over characters (reciprocal
+        ranks) when the query has Chinese in it."""
+        words = self.scores(tokenize(query))
+        if self.characters is None or not _HAN.search(query):
+            return {row: float(words[row]) for row in _ranks(words, pool)}
+        characters = np.asarray(self.characters.get_scores(character_terms(query)), dtype=np.float32)
+        fused: dict[int, float] = {}
+        for ranks in (_ranks(words, pool), _ranks(characters, pool)):
+            for row, rank in ranks.items():
+                fused[row] = fused.get(row, 0.0) + 1.0 / (rrf_k + rank)
+        return dict(sorted(fused.items(), key=lambda item: -item[1])[:pool])
 
     def coverage(self, query_terms: list[str], chunk_terms: list[str]) -> float:
         """IDF-weighted share of the query's distinct terms found in the chunk: 1.0 = all of them.

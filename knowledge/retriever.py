@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from knowledge.chunking import Chunk, text_language
 from knowledge.embedder import Embedder
 from knowledge.lexical import LexicalIndex, tokenize
@@ -35,7 +33,7 @@ class Hit:
     score: float  # the ranking score of the mode searched (cosine, BM25 or weighted RRF)
     relevance: float  # 0..1, comparable across queries
     dense: float | None = None  # cosine similarity, when dense search ran
-    lexical: float | None = None  # BM25 score
+    lexical: float | None = None  # BM25 score (words), or its fusion with BM25 over characters for Chinese
 
     def to_dict(self) -> dict:
         chunk = self.chunk
@@ -46,7 +44,7 @@ class Hit:
 class Retriever:
     def __init__(self, kb: KnowledgeBase, embedder: Embedder):
         self.kb, self.embedder = kb, embedder
-        self.lexical = LexicalIndex(kb.tokens)
+        self.lexical = LexicalIndex(kb.tokens, [c.indexed_text for c in kb.chunks])
 
     @classmethod
     def open(cls, folder: Path, embedding_model: str | None = None) -> Retriever:
@@ -58,7 +56,7 @@ class Retriever:
 
     def refresh(self) -> None:
         """Rebuild the in-memory BM25 index after the knowledge base changed."""
-        self.lexical = LexicalIndex(self.kb.tokens)
+        self.lexical = LexicalIndex(self.kb.tokens, [c.indexed_text for c in self.kb.chunks])
 
     def search(self, query: str, k: int = 5, mode: str = "fused", language: str | None = None) -> list[Hit]:
         if mode not in MODES:
@@ -70,7 +68,7 @@ class Retriever:
         pool = min(len(self.kb), max(50, 10 * k))  # candidates from each retriever before fusion
         use_dense = mode == "dense" or (mode == "fused" and self.kb.config.uses_dense(language))
         dense = self._dense(query, pool) if use_dense else {}
-        lexical = self._lexical(terms, pool) if mode != "dense" else {}
+        lexical = self.lexical.search(query, pool) if mode != "dense" else {}
         if mode == "dense":
             ranked = sorted(dense.items(), key=lambda item: -item[1])
         elif mode == "lexical":
@@ -89,11 +87,6 @@ class Retriever:
         vector = self.embedder.encode([query])
         scores, rows = self.kb.index.search(vector, pool)
         return {int(r): float(s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0}
-
-    def _lexical(self, terms: list[str], pool: int) -> dict[int, float]:
-        scores = self.lexical.scores(terms)
-        top = np.argsort(-scores)[:pool]
-        return {int(r): float(scores[r]) for r in top if scores[r] > 0}
 
     @staticmethod
     def _fuse(dense: dict[int, float], lexical: dict[int, float]) -> dict[int, float]:
