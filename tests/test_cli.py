@@ -54,4 +54,4 @@ def test_embedded_model_knows_the_capital_of_france():
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert "Paris" in data["answer"]
-    assert data["model"] == "SmolLM2-135M-Instruct"
+    assert data["model"] == "SmolLM2-135M-Instruct+sample-LoRA"  # the default: the embedded model + shipped LoRA
