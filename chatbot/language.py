@@ -26,7 +26,7 @@ _LETTER = re.compile(r"[^\W\d_]")
 _LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 _ENGLISH_FUNCTION_WORDS = frozenset(
     "the what how is does do did can could should would which when why who whose are was were you your my i an to "
-    "of and with this that these those there it its from about".split())
+    "of and with this that these those there it its from about me for please have has will".split())
 MIN_LETTERS = 12  # below this, langdetect guesses ("hi" -> "so"); keep the conversation's language
 
 

@@ -2,6 +2,7 @@
 
     python -m chatbot.regress tests/dialogues                       # every *.yaml under the folder, in-process
     python -m chatbot.regress tests/dialogues --url http://127.0.0.1:7860/ --junit report.xml --json report.json
+    python -m chatbot.regress tests/dialogues --model SmolLM2-135M-Instruct   # the same suite, another model
 
 A file holds one dialogue (`turns`) or several (`dialogues: [{name, turns}]`):
 
@@ -209,7 +210,8 @@ def check(expect: dict[str, Any], reply: dict[str, Any], latency_s: float,
 class LocalBackend:
     """Answers in this process. Models, indexes and the embedder are loaded once and shared by dialogues."""
 
-    def __init__(self, cache: Path | None = None):
+    def __init__(self, cache: Path | None = None, model: str | None = None):
+        self.model = model  # --model: overrides the dialogues' settings, to compare models on the same suite
         self.engines: dict[str | None, Any] = {}
         self.retrievers: dict[Path, Any] = {}
         self._embedder = None
@@ -245,13 +247,13 @@ class LocalBackend:
         from chatbot.config import ChatConfig
         from chatbot.engine import Engine
 
-        model = settings.get("model")
-        if model not in self.engines:
-            self.engines[model] = Engine.load(model)
-        config = ChatConfig(model=model, seed=int(settings.get("seed", 0)),
-                            temperature=float(settings.get("temperature", 0.0)),
+        config = ChatConfig(seed=int(settings.get("seed", 0)), temperature=float(settings.get("temperature", 0.0)),
                             max_new_tokens=int(settings.get("max_new_tokens", 256)))
-        return Assistant(self.engines[model], config, self._retriever(settings.get("index"), base))
+        # --model wins, then the dialogue's own setting, then ChatConfig's default (CHATBOT_MODEL or the default).
+        config.model = self.model or settings.get("model", config.model)
+        if config.model not in self.engines:
+            self.engines[config.model] = Engine.load(config.model)
+        return Assistant(self.engines[config.model], config, self._retriever(settings.get("index"), base))
 
     def reply(self, dialogue: Dialogue, history: list[dict], message: str) -> tuple[dict, float]:
         answer = self.assistant(dialogue.settings, dialogue.file.parent).ask(message, history)
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.regress", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="dialogue files or folders of *.yaml")
     parser.add_argument("--url", help="run against a running app (its /chat API) instead of in-process")
+    parser.add_argument("--model", help="answer with this model instead of the dialogues' (in-process only)")
     parser.add_argument("--junit", type=Path, help="write a JUnit XML report here")
     parser.add_argument("--json", type=Path, help="write a JSON report here")
     args = parser.parse_args(argv)
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DialogueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    local = None if args.url else LocalBackend()
+    local = None if args.url else LocalBackend(model=args.model)
     backend = RemoteBackend(args.url) if args.url else local
     similarity = similarity_function(local)
     outcomes, skipped = [], []
