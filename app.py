@@ -45,6 +45,7 @@ EXAMPLES = [
     "困惑度是怎么计算的？",
 ]
 SOURCES_TITLE = "📚 Sources · 来源"
+MAX_RATABLE = 100  # answers per session kept for 👍/👎; older ones can no longer be rated
 
 
 def model_history(messages: list[dict] | None) -> list[dict]:
@@ -95,8 +96,11 @@ class ChatApp:
             self.running.pop(request.session_hash, None)
         answer = turn.answer()
         messages[-1]["content"] = answer.text
-        self.answers.setdefault(request.session_hash, {})[len(messages) - 1] = {
-            "conversation": model_history(messages), "answer": answer.to_dict(), "prompt": turn.messages}
+        answered = self.answers.setdefault(request.session_hash, {})
+        answered[len(messages) - 1] = {"conversation": model_history(messages), "answer": answer.to_dict(),
+                                       "prompt": turn.messages}
+        if len(answered) > MAX_RATABLE:
+            del answered[min(answered)]
         if answer.sources:
             messages.append({"role": "assistant", "content": sources_markdown(answer),
                              "metadata": {"title": f"{SOURCES_TITLE} ({len(answer.sources)})", "status": "done"}})
@@ -112,6 +116,12 @@ class ChatApp:
         self.feedback_log.record(bool(data.liked), comment or "", record["conversation"], record["answer"],
                                  self.assistant.engine.name, record["prompt"])
         return "", "Thanks for the feedback · 感谢反馈"
+
+    def forget(self, request: gr.Request) -> None:
+        """A new conversation, or the tab closed: stop the answer in progress and forget the old answers (the
+        new conversation's message numbers start again from 0)."""
+        self.stop(request)
+        self.answers.pop(request.session_hash, None)
 
     def stop(self, request: gr.Request) -> None:
         turn = self.running.get(request.session_hash)
@@ -199,10 +209,11 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None) -> gr.B
                     concurrency_id="model")
         chatbot.like(app.rate, comment, [comment, rated], api_visibility="private", queue=False)
         stop.click(app.stop, None, None, queue=False, api_visibility="private")
-        clear.click(app.stop, None, None, queue=False, api_visibility="private")
+        clear.click(app.forget, None, None, queue=False, api_visibility="private")
         add.click(app.upload, files, [status, table, chosen], api_visibility="private", concurrency_id="model")
         remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private", concurrency_id="model")
         gr.api(app.chat, api_name="chat", concurrency_id="model")
+        demo.unload(app.forget)
     return demo
 
 

@@ -7,8 +7,12 @@ with the reason when either is missing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,12 +22,14 @@ from chatbot.config import ChatConfig
 from chatbot.engine import Engine
 from chatbot.feedback import FeedbackLog
 from chatbot.models import ModelProfile
+from chatbot.regress import load_dialogues
 from knowledge.retriever import Retriever
 from knowledge.store import KnowledgeBase
 from tests.test_app import free_port
 from tests.test_retriever import write_docs
 from tests.tiny import tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-dev.txt)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium")
@@ -68,13 +74,46 @@ def test_answer_with_sources_and_a_dislike_with_comment(page, tmp_path):
     page.get_by_text("zh/困惑度.md").first.wait_for()  # the expanded box names the cited file
 
     page.get_by_placeholder("Optional comment", exact=False).fill("Too short. Mail me at ann@example.com")
-    page.get_by_role("button", name="Dislike").first.click()
+    page.get_by_role("button", name="Dislike", exact=True).first.click()
     page.get_by_text("Thanks for the feedback", exact=False).wait_for()
     entries = [json.loads(line) for line in (tmp_path / "feedback.jsonl").read_text().splitlines()]
     assert len(entries) == 1
     assert entries[0]["rating"] == "dislike" and entries[0]["comment"] == "Too short. Mail me at [email]"
     assert entries[0]["answer"]["sources"][0]["source"] == "zh/困惑度.md"
     assert entries[0]["conversation"][0] == {"role": "user", "content": "困惑度怎么计算？"}
+
+
+def test_liked_and_disliked_answers_become_training_data_and_a_dialogue(page, tmp_path, tiny_model_dir):
+    """The feedback loop end to end: rate in the browser, export, fine-tune on it, run it as a regression."""
+    ask(page, "How does LoRA work?")
+    page.get_by_text("Sources · 来源").first.wait_for()
+    page.get_by_role("button", name="Like", exact=True).first.click()
+    page.get_by_text("Thanks for the feedback", exact=False).wait_for()
+    page.get_by_role("button", name="New conversation · 新对话").click()
+    ask(page, "中文怎么算BLEU？")
+    page.get_by_text("Sources · 来源").first.wait_for()
+    page.get_by_placeholder("Optional comment", exact=False).fill("should say to segment with jieba")
+    page.get_by_role("button", name="Dislike", exact=True).first.click()
+    page.get_by_text("Thanks for the feedback", exact=False).wait_for()
+    entries = [json.loads(line) for line in (tmp_path / "feedback.jsonl").read_text().splitlines()]
+    assert [(e["rating"], e["conversation"][0]["content"]) for e in entries] == [
+        ("like", "How does LoRA work?"), ("dislike", "中文怎么算BLEU？")], "a new conversation starts afresh"
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    export = subprocess.run([sys.executable, "-m", "chatbot.feedback", "export", "--log",
+                             str(tmp_path / "feedback.jsonl"), "--sft", str(tmp_path / "liked.jsonl"),
+                             "--regress", str(tmp_path / "disliked.yaml")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0, export.stderr
+    train = subprocess.run([sys.executable, "-m", "finetune", "train", "--data", str(tmp_path / "liked.jsonl"),
+                            "--model", str(tiny_model_dir), "--eval-fraction", "0", "--max-steps", "1",
+                            "--output-dir", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    [dialogue] = load_dialogues(tmp_path / "disliked.yaml")
+    assert dialogue.turns[0].user == "中文怎么算BLEU？"
+    assert "should say to segment with jieba" in dialogue.turns[0].expect["comment"]
 
 
 def test_upload_a_document_then_ask_about_it(page, tmp_path):
