@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "sample_source.yaml"
 OUTPUT = HERE / "sample_dialogues.jsonl"
 
-CATEGORIES = ("grounded", "not_covered", "injection", "refusal", "smalltalk", "followup")
+CATEGORIES = ("grounded", "not_covered", "injection", "refusal", "smalltalk", "followup", "general")
 LANGUAGES = ("en", "zh")
 FIXED = {"not_covered": NOT_COVERED, "refusal": REFUSAL}
 INJECTION_TOPIC = "injection"  # passages with planted instructions; never drawn as random distractors
