@@ -75,7 +75,7 @@ def build_faiss(vectors: np.ndarray, approximate_after: int) -> faiss.Index:
     if len(vectors) >= approximate_after:
         index = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = 128  # recall above 0.99 at k <= 20 on normalised sentence vectors
+        index.hnsw.efSearch = 128  # recall@5 1.000 at 0.19x exact's time on 50k clustered vectors (benchmarks/)
     else:
         index = faiss.IndexFlatIP(dimension)
     if len(vectors):
