@@ -29,11 +29,11 @@ import gradio as gr  # noqa: E402
 
 from chatbot.assistant import Answer, Assistant, Turn  # noqa: E402
 from chatbot.chat_format import message_text  # noqa: E402
-from chatbot.config import ChatConfig, add_config_arguments, config_from_args  # noqa: E402
+from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import PromptTooLongError  # noqa: E402
 from chatbot.feedback import FeedbackLog  # noqa: E402
 from chatbot.models import ModelNotFoundError  # noqa: E402
-from knowledge.config import DEFAULT_CORPUS, default_index_dir  # noqa: E402
+from knowledge.config import DEFAULT_CORPUS, add_config_arguments, config_from_args, default_index_dir  # noqa: E402
 from knowledge.embedder import Embedder, EmbedderNotFoundError  # noqa: E402
 from knowledge.loaders import SUFFIXES  # noqa: E402
 from knowledge.store import IndexError_, KnowledgeBase  # noqa: E402

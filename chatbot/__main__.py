@@ -16,9 +16,10 @@ import json
 import sys
 
 from chatbot.assistant import Assistant, Turn
-from chatbot.config import ChatConfig, add_config_arguments, config_from_args
+from chatbot.config import ChatConfig
 from chatbot.engine import PromptTooLongError
 from chatbot.models import ModelNotFoundError
+from knowledge.config import add_config_arguments, config_from_args
 from knowledge.embedder import EmbedderNotFoundError
 from knowledge.store import IndexError_
 

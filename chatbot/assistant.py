@@ -21,7 +21,6 @@ passages and language instruction are added here, so they never pile up in the h
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +30,7 @@ from pathlib import Path
 from chatbot.chat_format import Message, message_text
 from chatbot.config import ChatConfig
 from chatbot.engine import Engine, GenerationOptions
-from chatbot.grounding import Grounding, cite, extractive_answer, ground, term_overlap
+from chatbot.grounding import Grounding, cite, cited_numbers, extractive_answer, ground, term_overlap
 from chatbot.intent import classify
 from chatbot.language import detect_language
 from chatbot.prompts import NOT_COVERED, REFUSAL, SELF_HARM, SMALL_TALK, localized, user_turn
@@ -94,16 +93,12 @@ class Turn:
         text, mode = self._final
         sources = []
         if self.grounding is not None:
-            cited = [int(n) for n in _cited_numbers(text)]
+            cited = cited_numbers(text)
             for passage, hit in zip(self.grounding.passages, self.grounding.hits, strict=True):
                 if passage.number in cited:
                     sources.append({"number": passage.number, "label": passage.label} | hit.to_dict())
         return Answer(text=text, language=self.language, mode=mode, sources=sources, timings=dict(self.timings),
                       query=self.grounding.query if self.grounding else None)
-
-
-def _cited_numbers(text: str) -> list[str]:
-    return re.findall(r"\[(\d{1,2})\]", text)
 
 
 def _fixed(text: str) -> Callable[[threading.Event], Iterator[str]]:

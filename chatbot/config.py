@@ -1,16 +1,13 @@
 """Settings for one chat session: which model, how to generate, how much context to keep.
 
-`ChatConfig` is the single source of truth; `add_config_arguments` turns its fields into CLI flags one-to-one
-(used by `python -m chatbot` and `app.py`). Paths and devices may also come from environment variables.
+`ChatConfig` is the single source of truth; `knowledge.config.add_config_arguments` turns its fields into CLI flags
+one-to-one (used by `python -m chatbot` and `app.py`). Paths and devices may also come from environment variables.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
 
@@ -65,16 +62,3 @@ class ChatConfig:
         if self.context_tokens <= self.max_new_tokens:
             raise ValueError(f"context_tokens ({self.context_tokens}) must exceed max_new_tokens "
                              f"({self.max_new_tokens}) to leave room for the prompt")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type = ChatConfig) -> None:
-    """Add one `--flag` per dataclass field; defaults stay None so unset flags keep the field's default."""
-    for f in dataclasses.fields(cls):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                            help=f.metadata.get("help"))
-
-
-def config_from_args(args: argparse.Namespace, cls: type = ChatConfig) -> Any:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
-    return cls(**given)

@@ -119,11 +119,16 @@ def cite(answer: str, passages: Sequence[Passage], min_support: float = 0.5) -> 
         lines.append(join_sentences([_cite_sentence(s, passages, min_support) for s in sentences])
                      if sentences else line)
     text = "\n".join(lines).strip()
+    return text, cited_numbers(text)
+
+
+def cited_numbers(text: str) -> list[int]:
+    """The passage numbers `text` cites as [n], each once, in order of first citation."""
     cited: list[int] = []
     for match in _CITATION.finditer(text):
         if int(match.group(1)) not in cited:
             cited.append(int(match.group(1)))
-    return text, cited
+    return cited
 
 
 def _cite_sentence(sentence: str, passages: Sequence[Passage], min_support: float) -> str:

@@ -21,25 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from knowledge.config import KnowledgeConfig, default_index_dir
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(KnowledgeConfig):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f.metadata.get("help"))
-
-
-def config_from_args(args: argparse.Namespace) -> KnowledgeConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(KnowledgeConfig)
-             if getattr(args, f.name, None) is not None}
-    return KnowledgeConfig(**given)
+from knowledge.config import KnowledgeConfig, add_config_arguments, config_from_args, default_index_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--index", type=Path, default=None, help="index folder (default: $CHATBOT_HOME/index)")
-    add_config_arguments(common)
+    add_config_arguments(common, KnowledgeConfig)
     parser = argparse.ArgumentParser(prog="python -m knowledge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("build", "a new index from files and folders"), ("add", "add new and changed files")):
@@ -140,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, KnowledgeConfig)
         folder = args.index.expanduser() if args.index else None
         if args.command == "evaluate":
             return cmd_evaluate(args, config, folder)

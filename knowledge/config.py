@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "corpus"  # the bundled bilingual documents
 
@@ -47,3 +50,17 @@ class KnowledgeConfig:
     def uses_dense(self, language: str) -> bool:
         languages = {code.strip() for code in self.dense_languages.split(",")}
         return "*" in languages or language in languages
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag` per field of the dataclass `cls`; defaults stay None so unset flags keep the field's default.
+    (`chatbot` uses it too: this package is the one every other may import.)"""
+    for f in dataclasses.fields(cls):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f.metadata.get("help"))
+
+
+def config_from_args(args: argparse.Namespace, cls: type) -> Any:
+    """An instance of `cls` from the flags that were given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**given)
