@@ -159,15 +159,19 @@ class Assistant:
             return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding,
                         messages=plain)
         messages = self._messages(history, user_turn(question, language, grounding.passages))
-        extractive = extractive_answer(question, grounding.passages, language,
-                                       score=self._sentence_scorer(language, grounding.query))
+
+        def quotes() -> str:
+            return extractive_answer(question, grounding.passages, language,
+                                     score=self._sentence_scorer(language, grounding.query))
+
         if not self.engine.profile.writes(language, grounded=True):
-            return Turn(language, "extractive", _fixed(extractive), grounding, messages=messages)
+            return Turn(language, "extractive", _fixed(quotes()), grounding, messages=messages)
 
         def finish(text: str) -> tuple[str, str]:
             cited_text, cited = cite(text, grounding.passages)
-            # An answer that cites nothing is not grounded in the passages: quote them instead.
-            return (cited_text, "grounded") if cited else (extractive, "extractive")
+            # An answer that cites nothing is not grounded in the passages: quote them instead (chosen only
+            # then, so that a generated answer's first token does not wait for the sentence embeddings).
+            return (cited_text, "grounded") if cited else (quotes(), "extractive")
 
         return Turn(language, "grounded", self._generate(messages), grounding, finish, messages)
 

@@ -74,10 +74,9 @@ def defuse(text: str) -> str:
     return join_sentences([*kept, INJECTION_REMOVED])
 
 
-def _support(sentence: str, passage: Passage) -> float:
-    """Share of the sentence's terms that the passage contains."""
-    terms = set(tokenize(sentence))
-    return len(terms & set(tokenize(passage.text))) / len(terms) if terms else 0.0
+def _support(terms: set[str], passage_terms: set[str]) -> float:
+    """Share of a sentence's terms that a passage contains."""
+    return len(terms & passage_terms) / len(terms) if terms else 0.0
 
 
 def extractive_answer(question: str, passages: Sequence[Passage], language: str, sentences: int = 2,
@@ -113,10 +112,11 @@ def cite(answer: str, passages: Sequence[Passage], min_support: float = 0.5) -> 
     """(answer with citations, cited passage numbers in order of first citation). Line breaks are kept."""
     numbers = {p.number for p in passages}
     answer = _CITATION.sub(lambda m: m.group(0) if int(m.group(1)) in numbers else "", answer)
+    passage_terms = {p.number: set(tokenize(p.text)) for p in passages}  # segmented once, not per sentence
     lines = []
     for line in answer.split("\n"):
         sentences = split_sentences(line)
-        lines.append(join_sentences([_cite_sentence(s, passages, min_support) for s in sentences])
+        lines.append(join_sentences([_cite_sentence(s, passage_terms, min_support) for s in sentences])
                      if sentences else line)
     text = "\n".join(lines).strip()
     return text, cited_numbers(text)
@@ -131,11 +131,12 @@ def cited_numbers(text: str) -> list[int]:
     return cited
 
 
-def _cite_sentence(sentence: str, passages: Sequence[Passage], min_support: float) -> str:
-    if _CITATION.search(sentence) or not passages:
+def _cite_sentence(sentence: str, passage_terms: dict[int, set[str]], min_support: float) -> str:
+    if _CITATION.search(sentence) or not passage_terms:
         return sentence
-    best = max(passages, key=lambda p: _support(sentence, p))
-    return _add_marker(sentence, best.number) if _support(sentence, best) >= min_support else sentence
+    terms = set(tokenize(sentence))
+    best = max(passage_terms, key=lambda number: _support(terms, passage_terms[number]))
+    return _add_marker(sentence, best) if _support(terms, passage_terms[best]) >= min_support else sentence
 
 
 def _add_marker(sentence: str, number: int) -> str:
