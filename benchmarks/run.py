@@ -7,7 +7,8 @@ Figures are medians over --repeat runs, and each row that has a natural baseline
 measured in the same process right before (the machines are shared and noisy; ratios travel better than
 seconds):
 - generation: time to first token and tokens per second of the embedded model, streaming versus one
-  blocking `generate()` call (the cost of streaming through a thread);
+  blocking `generate()` call of the same length (the cost of streaming through a thread); both count generated
+  token ids;
 - retrieval: fused search versus BM25 alone over the bundled knowledge base, per query;
 - answers: a whole extractive answer (retrieval + sentence choice) per question, English and Chinese;
 - vector search: HNSW versus exact FAISS search over 50,000 clustered normalised vectors, with HNSW's recall;
@@ -34,11 +35,14 @@ import torch  # noqa: E402
 from chatbot.assistant import Assistant  # noqa: E402
 from chatbot.chat_format import render_prompt  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
-from chatbot.engine import Engine, GenerationOptions  # noqa: E402
-from knowledge.config import DEFAULT_CORPUS  # noqa: E402
+from chatbot.engine import Engine, GenerationOptions, Usage  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
-from knowledge.store import KnowledgeBase, build_faiss  # noqa: E402
+from knowledge.store import (  # noqa: E402
+    BUNDLED_CORPUS,  # noqa: E402
+    KnowledgeBase,
+    build_faiss,
+)
 
 QUESTIONS = ["What does LoRA train?", "How does early stopping work?", "困惑度是怎么计算的？", "什么是检索增强生成？"]
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
@@ -55,18 +59,18 @@ def median_time(function: Callable[[], object], repeat: int) -> float:
 
 
 def generation_rows(engine: Engine, repeat: int) -> list[tuple[str, str, str]]:
+    """Both rates count generated token ids (the engine's `Usage`, and generate()'s output), prefill included."""
     options = GenerationOptions(max_new_tokens=64)
     ids = render_prompt(engine.tokenizer, PROMPT)
     first, totals, counts = [], [], []
     for _ in range(repeat):
+        usage = Usage()
         start = time.perf_counter()
-        pieces = []
-        for piece in engine.stream(PROMPT, options):
-            if not pieces:
+        for piece_number, _piece in enumerate(engine.stream(PROMPT, options, usage=usage)):
+            if piece_number == 0:
                 first.append(time.perf_counter() - start)
-            pieces.append(piece)
         totals.append(time.perf_counter() - start)
-        counts.append(len(engine.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]))
+        counts.append(usage.completion_tokens)
 
     rates = []
     for _ in range(repeat):  # the baseline: one blocking generate() of the same length, no streamer or thread
@@ -120,7 +124,7 @@ def vector_rows(repeat: int) -> list[tuple[str, str, str]]:
 def indexing_rows(embedder: Embedder) -> list[tuple[str, str, str]]:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        report = KnowledgeBase.open(Path(folder)).add([DEFAULT_CORPUS], embedder, progress=False)
+        report = KnowledgeBase.open(Path(folder)).add([BUNDLED_CORPUS], embedder, progress=False)
         seconds = time.perf_counter() - start
     return [("building the bundled corpus", f"{report.chunks / seconds:.0f} chunks/s",
              f"{report.chunks} chunks in {seconds:.1f} s")]
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     embedder = Embedder()
     with tempfile.TemporaryDirectory() as folder:
         kb = KnowledgeBase.open(Path(folder))
-        kb.add([DEFAULT_CORPUS], embedder, progress=False)
+        kb.add([BUNDLED_CORPUS], embedder, progress=False)
         retriever = Retriever(kb, embedder)
         assistant = Assistant(engine, ChatConfig(), retriever)
         rows = generation_rows(engine, args.repeat) + retrieval_rows(retriever, assistant, args.repeat)

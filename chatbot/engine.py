@@ -33,6 +33,13 @@ class PromptTooLongError(ValueError):
 
 
 @dataclass
+class Usage:
+    """Token counts of one generation, filled in by `Engine.stream` when it ends (as the OpenAI API reports)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # generated ids, the end-of-turn token included when one was generated
+
+
+@dataclass
 class GenerationOptions:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
@@ -67,23 +74,32 @@ class _StopOnEvent(StoppingCriteria):
         return self.event.is_set()
 
 
-class _StopOnLoop(StoppingCriteria):
-    """Ends a reply caught in a loop: the last `size` generated tokens already occurred twice before in it.
+class StopOnLoop(StoppingCriteria):
+    """Ends a reply caught in a loop: the last `size` generated tokens already occurred twice before in it,
+    without overlapping them.
 
     Greedy decoding of a small model sometimes repeats one sentence until max_new_tokens ("I'm glad to have you
-    as a math tutor. I'm glad to have you as a math tutor. ..."); this saves those seconds."""
+    as a math tutor. I'm glad to have you as a math tutor. ..."); this saves those seconds. Each call reads only
+    the tokens added since the last one and counts the n-grams that have left the tail in a dictionary, so the
+    cost per token stays constant however long the reply grows."""
 
     def __init__(self, prompt_length: int, size: int = 8):
         self.prompt_length, self.size = prompt_length, size
+        self.generated: list[int] = []
+        self.counted = 0  # n-grams counted so far: those starting at 0 .. counted - 1
+        self.counts: dict[tuple[int, ...], int] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:
-        generated = input_ids[0, self.prompt_length:].tolist()
-        if len(generated) < 3 * self.size:
+        self.generated += input_ids[0, self.prompt_length + len(self.generated):].tolist()
+        generated, size = self.generated, self.size
+        # An earlier occurrence must end before the tail starts: n-grams starting at most len - 2 * size.
+        while self.counted <= len(generated) - 2 * size:
+            gram = tuple(generated[self.counted:self.counted + size])
+            self.counts[gram] = self.counts.get(gram, 0) + 1
+            self.counted += 1
+        if len(generated) < 3 * size:
             return False
-        tail = generated[-self.size:]
-        earlier = generated[:-self.size]
-        count = sum(earlier[i:i + self.size] == tail for i in range(len(earlier) - self.size + 1))
-        return count >= 2
+        return self.counts.get(tuple(generated[-size:]), 0) >= 2
 
 
 class Engine:
@@ -116,10 +132,13 @@ class Engine:
         return trim_history(messages, self.count_tokens, self.context_tokens - max_new_tokens)
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions | None = None,
-               stop: threading.Event | None = None) -> Iterator[str]:
-        """Yield the reply to `messages` piece by piece; ends at end-of-turn, max_new_tokens or `stop`."""
+               stop: threading.Event | None = None, usage: Usage | None = None) -> Iterator[str]:
+        """Yield the reply to `messages` piece by piece; ends at end-of-turn, max_new_tokens or `stop`. When the
+        stream ends, `usage` (if given) holds the prompt's and the reply's token counts."""
         options = options or GenerationOptions()
         ids = render_prompt(self.tokenizer, self.fit(messages, options.max_new_tokens))
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens = len(ids)
         stop = stop or threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
@@ -128,7 +147,7 @@ class Engine:
             max_new_tokens=options.max_new_tokens,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id or self.eos_token_ids[0],
-            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), _StopOnLoop(len(ids))]),
+            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), StopOnLoop(len(ids))]),
             streamer=streamer,
         )
         if options.temperature > 0:
@@ -137,7 +156,7 @@ class Engine:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         failure: list[BaseException] = []
-        thread = threading.Thread(target=self._generate, args=(kwargs, streamer, failure), daemon=True)
+        thread = threading.Thread(target=self._generate, args=(kwargs, streamer, failure, usage), daemon=True)
         thread.start()
         try:
             for text in streamer:
@@ -149,10 +168,12 @@ class Engine:
         if failure:
             raise failure[0]
 
-    def _generate(self, kwargs: dict, streamer: TextIteratorStreamer, failure: list[BaseException]) -> None:
+    def _generate(self, kwargs: dict, streamer: TextIteratorStreamer, failure: list[BaseException],
+                  usage: Usage) -> None:
         try:
             with torch.inference_mode():
-                self.model.generate(**kwargs)
+                output = self.model.generate(**kwargs)
+            usage.completion_tokens = output.shape[1] - usage.prompt_tokens
         except BaseException as err:  # surfaced in the consumer's thread by stream()
             failure.append(err)
             streamer.end()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chatbot.chat_format import render_prompt
-from chatbot.engine import Engine, GenerationOptions, PromptTooLongError, trim_history
+from chatbot.engine import Engine, GenerationOptions, PromptTooLongError, StopOnLoop, Usage, trim_history
 from tests.tiny import tiny_model
 
 
@@ -103,13 +103,56 @@ def test_engine_trims_long_history_to_context(engine):
     assert fitted[0]["role"] == "system" and fitted[-1]["content"] == "last question"
     assert len(fitted) < len(messages)
     assert engine.count_tokens(fitted) <= engine.context_tokens - 32
-    assert "".join(engine.stream(messages, GenerationOptions(max_new_tokens=32))) is not None
+    usage = Usage()
+    options = GenerationOptions(max_new_tokens=32)
+    reply = "".join(engine.stream(messages, options, usage=usage))
+    assert usage.prompt_tokens == engine.count_tokens(fitted), "the model must see the trimmed prompt"
+    assert reply == "".join(engine.stream(fitted, options))
 
 
-def test_a_reply_caught_in_a_loop_is_ended(tokenizer):
-    from chatbot.engine import _StopOnLoop
+def loops(generated: list[int], size: int) -> bool:
+    """The loop rule, written the slow and obvious way: the tail occurs twice before it, without overlap."""
+    if len(generated) < 3 * size:
+        return False
+    tail, earlier = generated[-size:], generated[:-size]
+    return sum(earlier[i:i + size] == tail for i in range(len(earlier) - size + 1)) >= 2
 
-    criterion = _StopOnLoop(prompt_length=2, size=3)
-    assert not criterion(torch.tensor([[9, 9] + [5, 6, 7, 8, 1, 2, 3] + [5, 6, 7]]), None), "a repeat is allowed"
-    assert criterion(torch.tensor([[9, 9] + [5, 6, 7, 8] * 2 + [5, 6, 7]]), None), "the third time is a loop"
-    assert not criterion(torch.tensor([[9, 9] + list(range(20, 40))]), None)
+
+def feed(criterion: StopOnLoop, prompt: list[int], generated: list[int]) -> int | None:
+    """Call the criterion after each generated token, as generate() does; the length at which it stops."""
+    for length in range(1, len(generated) + 1):
+        if criterion(torch.tensor([prompt + generated[:length]]), None):
+            return length
+    return None
+
+
+def test_a_reply_caught_in_a_loop_is_ended():
+    assert feed(StopOnLoop(2, size=3), [9, 9], [5, 6, 7, 8, 1, 2, 3, 5, 6, 7]) is None, "a repeat is allowed"
+    assert feed(StopOnLoop(2, size=3), [9, 9], [5, 6, 7, 8] * 5) == 11, "the third time is a loop"
+    assert feed(StopOnLoop(2, size=3), [9, 9], list(range(20, 60))) is None
+
+
+def test_loop_check_agrees_with_the_plain_rule_on_random_replies():
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        size = 2 + trial % 4
+        generated = torch.randint(0, 4, (60,), generator=rng).tolist()  # a small alphabet repeats often
+        expected = next((n for n in range(1, 61) if loops(generated[:n], size)), None)
+        assert feed(StopOnLoop(3, size=size), [1, 2, 3], generated) == expected
+
+
+def test_a_model_that_repeats_itself_is_stopped(tokenizer):
+    model = tiny_model(tokenizer)
+    # An output layer that ignores its input and always prefers one ordinary token: the reply loops forever.
+    token = tokenizer.convert_tokens_to_ids("a")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[token] = 1.0
+    model.lm_head = head
+    usage = Usage()
+    reply = "".join(Engine(model, tokenizer, context_tokens=256).stream([user("hello")],
+                                                                      GenerationOptions(max_new_tokens=200),
+                                                                      usage=usage))
+    assert set(reply.replace(" ", "")) == {"a"}
+    assert usage.completion_tokens == 24, "three times the 8-token window, not max_new_tokens"
