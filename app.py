@@ -33,10 +33,10 @@ from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import PromptTooLongError  # noqa: E402
 from chatbot.feedback import FeedbackLog  # noqa: E402
 from chatbot.models import ModelNotFoundError  # noqa: E402
-from knowledge.config import DEFAULT_CORPUS, add_config_arguments, config_from_args, default_index_dir  # noqa: E402
-from knowledge.embedder import Embedder, EmbedderNotFoundError  # noqa: E402
+from common.cli import add_arguments, resolve, run  # noqa: E402
+from knowledge.embedder import EmbedderNotFoundError  # noqa: E402
 from knowledge.loaders import SUFFIXES  # noqa: E402
-from knowledge.store import IndexError_, KnowledgeBase  # noqa: E402
+from knowledge.store import IndexError_, default_index  # noqa: E402
 
 EXAMPLES = [
     "What does LoRA train?",
@@ -218,17 +218,11 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None) -> gr.B
 
 
 def open_knowledge_base(config: ChatConfig, no_index: bool) -> None:
-    """Point `config.index` at the app's knowledge base, building it from the bundled documents the first time."""
+    """Point `config.index` at the app's knowledge base (`knowledge.store.default_index`) unless one is named."""
     if no_index:
         config.index = None
-        return
-    if config.index is None:
-        config.index = str(default_index_dir())
-        if not (Path(config.index) / "CURRENT").is_file():
-            print(f"Building the default knowledge base in {config.index} (first start only)...", flush=True)
-            kb = KnowledgeBase.open(Path(config.index))
-            for line in kb.add([DEFAULT_CORPUS], Embedder(config.embedding_model)).lines():
-                print(line)
+    elif config.index is None:
+        config.index = str(default_index(embedding_model=config.embedding_model))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,23 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port to listen on (env CHATBOT_PORT)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument("--no-index", action="store_true", help="chat without a knowledge base")
-    add_config_arguments(parser, ChatConfig)
+    add_arguments(parser, ChatConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args, ChatConfig)
+
+    def serve() -> None:
+        config = resolve(args, ChatConfig)
         open_knowledge_base(config, args.no_index)
-        assistant = Assistant.load(config)
-    except (ModelNotFoundError, EmbedderNotFoundError, IndexError_, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    demo = build_app(assistant)
-    demo.queue(default_concurrency_limit=1)  # one generation at a time: a small CPU has no room for two
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"])
-    return 0
+        demo = build_app(Assistant.load(config))
+        demo.queue(default_concurrency_limit=1)  # one generation at a time: a small CPU has no room for two
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"])
+
+    return run(serve, ModelNotFoundError, EmbedderNotFoundError, IndexError_, ValueError)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ from chatbot.assistant import Assistant, Turn
 from chatbot.config import ChatConfig
 from chatbot.engine import PromptTooLongError
 from chatbot.models import ModelNotFoundError
-from knowledge.config import add_config_arguments, config_from_args
+from common.cli import add_arguments, resolve, run
 from knowledge.embedder import EmbedderNotFoundError
 from knowledge.store import IndexError_
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    add_config_arguments(common, ChatConfig)
+    add_arguments(common, ChatConfig)
     parser = argparse.ArgumentParser(prog="python -m chatbot",
                                      description="Bilingual chatbot: terminal chat or one-shot answers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("ask", "chat", "-h", "--help"):
         argv = ["chat", *argv]  # chatting is the default command
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args, ChatConfig)
+
+    def action() -> None:
+        config = resolve(args, ChatConfig)
         if args.command == "ask" and not args.question.strip():
             raise ValueError("The question is empty.")
         assistant = Assistant.load(config)
@@ -99,10 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             ask(assistant, args.question, args.json)
         else:
             chat(assistant)
-    except (ModelNotFoundError, EmbedderNotFoundError, IndexError_, PromptTooLongError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(action, ModelNotFoundError, EmbedderNotFoundError, IndexError_, PromptTooLongError, ValueError)
 
 
 if __name__ == "__main__":

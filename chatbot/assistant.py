@@ -32,8 +32,8 @@ from chatbot.config import ChatConfig
 from chatbot.engine import Engine, GenerationOptions
 from chatbot.grounding import Grounding, cite, cited_numbers, extractive_answer, ground, term_overlap
 from chatbot.intent import classify
-from chatbot.language import detect_language
 from chatbot.prompts import NOT_COVERED, REFUSAL, SELF_HARM, SMALL_TALK, localized, user_turn
+from common.language import detect_language
 from knowledge.retriever import Retriever
 
 
@@ -64,17 +64,18 @@ def conversation_language(history: Sequence[Message], text: str) -> str:
 
 class Turn:
     """One answer in the making: `stream()` yields its text; afterwards `answer()` holds the final text
-    (citations completed), its sources and timings."""
+    (citations completed), its sources and timings. `started` is when the turn began (perf_counter), so that
+    timings include the language detection and retrieval done before the Turn existed."""
 
     def __init__(self, language: str, mode: str, produce: Callable[[threading.Event], Iterator[str]],
                  grounding: Grounding | None = None, finish: Callable[[str], tuple[str, str]] | None = None,
-                 messages: list[Message] | None = None):
+                 messages: list[Message] | None = None, started: float | None = None):
         self.language, self.mode, self.grounding = language, mode, grounding
         self.messages = messages  # the prompt the model sees (or would see, for quoted and fixed answers)
         self._produce, self._finish = produce, finish
         self.stop = threading.Event()
         self.pieces: list[str] = []
-        self.started = time.perf_counter()  # reset by Assistant.turn to include retrieval
+        self.started = time.perf_counter() if started is None else started
         self.timings: dict[str, float] = {}
         self._final: tuple[str, str] | None = None
 
@@ -113,7 +114,8 @@ class Assistant:
     def load(cls, config: ChatConfig) -> Assistant:
         """Load the model and, when `config.index` is set, the knowledge base and its embedder (once)."""
         engine = Engine.load(config.model, device=config.device, context_tokens=config.context_tokens)
-        retriever = Retriever.open(Path(config.index), config.embedding_model) if config.index else None
+        retriever = (Retriever.open(Path(config.index), config.embedding_model, config.dense_languages)
+                     if config.index else None)
         return cls(engine, config, retriever)
 
     @property
@@ -133,11 +135,6 @@ class Assistant:
 
     def turn(self, history: Sequence[Message], question: str) -> Turn:
         started = time.perf_counter()
-        turn = self._turn(history, question)
-        turn.started = started
-        return turn
-
-    def _turn(self, history: Sequence[Message], question: str) -> Turn:
         question = question.strip()
         if not question:
             raise ValueError("The question is empty.")
@@ -148,16 +145,16 @@ class Assistant:
         plain = self._messages(history, user_turn(question, language))
         if intent in ("harmful", "self_harm"):
             reply = localized(REFUSAL if intent == "harmful" else SELF_HARM, language)
-            return Turn(language, "refused", _fixed(reply), messages=plain)
+            return Turn(language, "refused", _fixed(reply), messages=plain, started=started)
         if intent == "small_talk" or self.retriever is None:
             if intent == "small_talk" and not self.engine.profile.writes(language, grounded=False):
-                return Turn(language, "chat", _fixed(localized(SMALL_TALK, language)), messages=plain)
-            return Turn(language, "chat", self._generate(plain), messages=plain)
+                return Turn(language, "chat", _fixed(localized(SMALL_TALK, language)), messages=plain, started=started)
+            return Turn(language, "chat", self._generate(plain), messages=plain, started=started)
         grounding = ground(self.retriever, history, question, language, self.config.min_relevance,
                            self.config.passages)
         if not grounding.passages:
             return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding,
-                        messages=plain)
+                        messages=plain, started=started)
         messages = self._messages(history, user_turn(question, language, grounding.passages))
 
         def quotes() -> str:
@@ -165,7 +162,7 @@ class Assistant:
                                      score=self._sentence_scorer(language, grounding.query))
 
         if not self.engine.profile.writes(language, grounded=True):
-            return Turn(language, "extractive", _fixed(quotes()), grounding, messages=messages)
+            return Turn(language, "extractive", _fixed(quotes()), grounding, messages=messages, started=started)
 
         def finish(text: str) -> tuple[str, str]:
             cited_text, cited = cite(text, grounding.passages)
@@ -173,7 +170,7 @@ class Assistant:
             # then, so that a generated answer's first token does not wait for the sentence embeddings).
             return (cited_text, "grounded") if cited else (quotes(), "extractive")
 
-        return Turn(language, "grounded", self._generate(messages), grounding, finish, messages)
+        return Turn(language, "grounded", self._generate(messages), grounding, finish, messages, started)
 
     def _sentence_scorer(self, language: str, query: str) -> Callable[[str, list[str]], list[float]]:
         """How well sentences answer a question: IDF-weighted term overlap, plus the embedder's cosine
@@ -184,7 +181,7 @@ class Assistant:
 
         def similarity(text: str, sentences: list[str]) -> list[float]:
             overlap = term_overlap(text, sentences, retriever.lexical.idf)
-            if not retriever.kb.config.uses_dense(language):
+            if not retriever.uses_dense(language):
                 return overlap
             vectors = retriever.embedder.encode([text, *sentences])
             return [o + float(c) for o, c in zip(overlap, vectors[1:] @ vectors[0], strict=True)]

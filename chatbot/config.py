@@ -1,7 +1,7 @@
 """Settings for one chat session: which model, how to generate, how much context to keep.
 
-`ChatConfig` is the single source of truth; `knowledge.config.add_config_arguments` turns its fields into CLI flags
-one-to-one (used by `python -m chatbot` and `app.py`). Paths and devices may also come from environment variables.
+`ChatConfig` is the single source of truth; `common.cli.add_arguments` turns its fields into CLI flags one-to-one
+(used by `python -m chatbot` and `app.py`). Paths and devices may also come from environment variables.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
+from knowledge.config import DENSE_LANGUAGES
 
 
 @dataclass
@@ -47,6 +48,9 @@ class ChatConfig:
     min_relevance: float = field(default=0.35, metadata={
         "help": "0..1; passages below it count as not relevant, and without relevant ones the bot says the "
                 "knowledge base does not cover the question"})
+    dense_languages: str = field(default=DENSE_LANGUAGES, metadata={
+        "help": "comma-separated question languages the embedder handles ('*' = all; set it for a multilingual "
+                f"--embedding-model; default {DENSE_LANGUAGES}, for the bundled English MiniLM)"})
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from common.paths import feedback_log
+
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # International (+86 138 0013 8000), Chinese mobile (13800138000), North American ((555) 123-4567) and
 # other grouped numbers of 7+ digits; years and short numbers stay.
@@ -50,17 +52,11 @@ def redact_all(value: Any) -> Any:
     return value
 
 
-def default_log() -> Path:
-    from knowledge.config import default_index_dir
-
-    return default_index_dir().parent / "feedback.jsonl"
-
-
 class FeedbackLog:
     """Appends ratings to a JSONL file; safe to call from several request threads."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or default_log()
+        self.path = path or feedback_log()
         self._lock = threading.Lock()
 
     def record(self, liked: bool, comment: str, conversation: list[dict], answer: dict, model: str,
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sft and not args.regress:
         parser.error("give --sft FILE, --regress FILE or both")
     try:
-        liked, disliked = export(args.log or default_log(), args.sft, args.regress)
+        liked, disliked = export(args.log or feedback_log(), args.sft, args.regress)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,7 @@
 """Grounding an answer in the knowledge base: which query to search, which passages to show, how to cite.
 
+- `defuse`: sentences of a passage that address the assistant (prompt injection) are removed before the model
+  or an extractive answer sees them.
 - `retrieval_query`: a follow-up ("and its disadvantages?", "那它的缺点呢？") is searched together with the
   previous question, since on its own it names nothing to find.
 - `select_passages`: relevant hits only (relevance >= threshold), the question's language first.
@@ -15,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from chatbot.chat_format import Message, message_text
-from chatbot.intent import looks_like_injection
 from chatbot.prompts import EXTRACTIVE_INTRO, Passage, localized
 from knowledge.chunking import join_sentences, split_sentences
 from knowledge.lexical import tokenize
@@ -27,6 +28,18 @@ _FOLLOW_UP = re.compile(
     r"|^(那|那么|还有|而且?|另外|此外)|它|这种|这个|那个|上述|前者|后者",
     re.IGNORECASE)
 INJECTION_REMOVED = "(An instruction addressed to the assistant was removed from this passage.)"
+# Instructions planted in documents (prompt injection): addressed to "the assistant", not facts about a topic.
+_INJECTION = [re.compile(pattern, re.IGNORECASE) for pattern in (
+    r"\b(ignore|disregard|forget)\b.{0,30}\b(previous|prior|above|earlier|all|your)\b.{0,20}"
+    r"\b(instructions?|prompts?|rules?|directions?)",
+    r"\b(you are now|from now on,? you|new instructions?:|system prompt|developer mode)\b",
+    r"\b(reply|respond|answer|say)\b.{0,20}\bonly\b.{0,10}\bwith\b",
+    r"\b(tell|ask) the user to\b",
+    r"(忽略|无视|忘记|忘掉).{0,10}(之前|以上|上面|先前|所有|全部).{0,6}(指示|指令|规则|要求|提示)",
+    r"(从现在起|从现在开始)，?你",
+    r"(只|仅)(回答|回复|输出|说)",
+    r"(告诉|要求|让)用户(去|访问|点击|提供)",
+)]
 _CITATION = re.compile(r"\[(\d{1,2})\]")
 
 
@@ -62,6 +75,11 @@ def ground(retriever: Retriever, history: Sequence[Message], question: str, lang
     hits = select_passages(retriever.search(query, k=3 * k, language=language), language, threshold, k)
     passages = [Passage(i, h.chunk.label, defuse(h.chunk.text)) for i, h in enumerate(hits, 1)]
     return Grounding(query, passages, hits)
+
+
+def looks_like_injection(sentence: str) -> bool:
+    """Whether a sentence from a document tries to instruct the assistant rather than inform the reader."""
+    return any(pattern.search(sentence) for pattern in _INJECTION)
 
 
 def defuse(text: str) -> str:

@@ -1,4 +1,5 @@
-"""What kind of message this is, before any retrieval: a harmful request, small talk, or a question.
+"""What kind of message this is, before any retrieval: a harmful request, small talk, or a question. (What a
+document says is judged where passages are prepared: `chatbot.grounding.looks_like_injection`.)
 
 Deliberately small and readable pattern lists, in English and Chinese. They are a first line of defence that
 works with any model (a 135M model does not refuse reliably by itself), not a complete safety system: the
@@ -44,25 +45,6 @@ _SMALL_TALK = [
     r"^(再见|拜拜)",
     r"^(你是谁|你是什么|你能做什么|你会什么|你好吗)",
 ]
-
-
-# Instructions planted in documents (prompt injection): addressed to "the assistant", not facts about a topic.
-_INJECTION = [
-    r"\b(ignore|disregard|forget)\b.{0,30}\b(previous|prior|above|earlier|all|your)\b.{0,20}"
-    r"\b(instructions?|prompts?|rules?|directions?)",
-    r"\b(you are now|from now on,? you|new instructions?:|system prompt|developer mode)\b",
-    r"\b(reply|respond|answer|say)\b.{0,20}\bonly\b.{0,10}\bwith\b",
-    r"\b(tell|ask) the user to\b",
-    r"(忽略|无视|忘记|忘掉).{0,10}(之前|以上|上面|先前|所有|全部).{0,6}(指示|指令|规则|要求|提示)",
-    r"(从现在起|从现在开始)，?你",
-    r"(只|仅)(回答|回复|输出|说)",
-    r"(告诉|要求|让)用户(去|访问|点击|提供)",
-]
-
-
-def looks_like_injection(sentence: str) -> bool:
-    """Whether a sentence from a document tries to instruct the assistant rather than inform the reader."""
-    return _any(_INJECTION, sentence)
 
 
 def _any(patterns: list[str], text: str) -> bool:

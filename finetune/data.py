@@ -26,6 +26,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from chatbot.chat_format import ROLES, Message, render_conversation
+from chatbot.prompts import shown_passages
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 IGNORE = -100  # the label of tokens that carry no loss (what transformers' loss functions skip)
@@ -48,6 +49,7 @@ class DataReport:
     problems: list[str] = field(default_factory=list)  # "file:line: kind: details"
     kinds: Counter[str] = field(default_factory=Counter)  # problems by kind ("unknown role", "too long" ...)
     truncated: int = 0  # dialogues that lost their last turns to max_length
+    shared_passages: int = 0  # passages shown in both training and held-out prompts (the figures would flatter)
     tokens: int = 0
     loss_tokens: int = 0
 
@@ -57,6 +59,7 @@ class DataReport:
 
     def counts(self) -> dict[str, int]:
         return {"records": self.records, "skipped": len(self.problems), "truncated": self.truncated,
+                "shared_passages": self.shared_passages,
                 "tokens": self.tokens, "loss_tokens": self.loss_tokens} | dict(self.kinds)
 
 
@@ -159,6 +162,12 @@ def split(dialogues: list[Dialogue], fraction: float, seed: int) -> tuple[list[D
         raise DataError(f"{len(dialogues)} dialogues are too few to hold out {fraction:.0%} for evaluation")
     held = set(order[:count])
     return ([d for i, d in enumerate(dialogues) if i not in held], [d for i, d in enumerate(dialogues) if i in held])
+
+
+def passages_shown(dialogues: Sequence[Dialogue]) -> set[str]:
+    """Texts of the retrieved passages that the dialogues' user turns show (the serving prompt's format)."""
+    return {passage.text for dialogue in dialogues for message in dialogue.messages if message["role"] == "user"
+            for passage in shown_passages(message["content"])}
 
 
 def write_dialogues(dialogues: Sequence[Dialogue], path: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import re
 import sys
@@ -33,18 +32,19 @@ from transformers import PreTrainedTokenizerBase
 
 from chatbot.chat_format import Message, render_conversation
 from chatbot.engine import Engine, GenerationOptions
-from chatbot.language import detect_language
+from chatbot.grounding import cited_numbers
 from chatbot.models import EMBEDDED_NAME, ModelNotFoundError, adapter_base, load_model
-from finetune.config import ConfigError, EvaluateConfig, add_arguments, resolve
+from chatbot.prompts import shown_passages
+from common.cli import ConfigError, add_arguments, resolve, run
+from common.language import detect_language
+from finetune.config import EvaluateConfig
 from finetune.data import DataError, DataReport, Dialogue, check_problems, read_dialogues
+from knowledge.lexical import words
 
-CITATION = re.compile(r"\[(\d{1,2})\]")
-SHOWN_PASSAGE = re.compile(r"^\[(\d{1,2})\] ", re.MULTILINE)  # how chatbot.prompts.user_turn numbers passages
 # Loose on purpose, so a base model that words it differently still gets credit.
 NOT_COVERED = re.compile(
     r"\b(does not|doesn't|do not|don't|cannot|can't)\s+(cover|contain|mention|include)|\bnot covered\b"
     r"|\bno information\b|没有涉及|没有包含|没有提到|没有相关|未涉及|未提及|不包含", re.IGNORECASE)
-WORD_OR_HAN = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff]+)|([A-Za-z0-9]+)")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def says_not_covered(text: str) -> bool:
 
 
 def cited(text: str) -> set[int]:
-    return {int(n) for n in CITATION.findall(text)}
+    return set(cited_numbers(text))
 
 
 def cases_of(dialogue: Dialogue) -> list[Case]:
@@ -71,7 +71,7 @@ def cases_of(dialogue: Dialogue) -> list[Case]:
         if message["role"] != "assistant":
             continue
         reference = message["content"]
-        shows_passages = bool(SHOWN_PASSAGE.search(dialogue.messages[i - 1]["content"]))
+        shows_passages = bool(shown_passages(dialogue.messages[i - 1]["content"]))
         kind = "other"
         if shows_passages and cited(reference):
             kind = "grounded"
@@ -86,13 +86,7 @@ class MixedTokenizer:
     drops every non-ASCII character, which would score all Chinese replies 0)."""
 
     def tokenize(self, text: str) -> list[str]:
-        import jieba
-
-        jieba.setLogLevel(logging.WARNING)
-        words: list[str] = []
-        for han, latin in WORD_OR_HAN.findall(text):
-            words += [w for w in jieba.lcut(han) if w.strip()] if han else [latin.lower()]
-        return words
+        return words(text)
 
 
 def perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dialogues: list[Dialogue],
@@ -225,12 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        evaluate(resolve(args, EvaluateConfig))
-    except (ConfigError, DataError, ModelNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run(lambda: evaluate(resolve(args, EvaluateConfig)), ConfigError, DataError, ModelNotFoundError)
 
 
 if __name__ == "__main__":

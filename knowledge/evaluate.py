@@ -17,7 +17,6 @@ from pathlib import Path
 from knowledge.retriever import MODES, Retriever
 
 PACKAGE = Path(__file__).resolve().parent
-CORPUS = PACKAGE / "corpus"
 QUESTIONS = PACKAGE / "eval" / "questions.jsonl"
 OUT_OF_SCOPE = PACKAGE / "eval" / "out_of_scope.jsonl"
 
@@ -52,14 +51,9 @@ def retrieval_table(retriever: Retriever, questions: list[dict]) -> dict[tuple[s
     """(mode, language) → scores, with language "all" for the whole set. "fused-equal" is the baseline that
     lets the embedder vote in every language, to show what fusing by language gains."""
     table = {}
-    config = retriever.kb.config
     for mode in (*MODES, "fused-equal"):
-        saved = config.dense_languages
-        config.dense_languages = "*" if mode == "fused-equal" else saved
-        try:
-            ranks = {q["question"]: first_rank(retriever, q, mode.split("-")[0]) for q in questions}
-        finally:
-            config.dense_languages = saved
+        searcher = retriever.with_dense_languages("*") if mode == "fused-equal" else retriever
+        ranks = {q["question"]: first_rank(searcher, q, mode.split("-")[0]) for q in questions}
         for language in sorted({q["language"] for q in questions}) + ["all"]:
             chosen = [ranks[q["question"]] for q in questions if language in ("all", q["language"])]
             table[(mode, language)] = score(chosen)

@@ -4,9 +4,10 @@
     hits = retriever.search("什么是LoRA？", k=3)          # fused by default
     hits[0].chunk.label, hits[0].score, hits[0].relevance
 
-Fusion is reciprocal-rank fusion weighted by the query's language: the embedder only votes for languages it
-was trained on (`KnowledgeConfig.dense_languages`), because an English embedder's ranking of Chinese text
-drags an equal-weight fusion far below BM25 alone (see `python -m knowledge evaluate`).
+Fusion is reciprocal-rank fusion by the query's language: the embedder only votes for languages it was trained
+on (`dense_languages`), because an English embedder's ranking of Chinese text drags an equal-weight fusion far
+below BM25 alone (see `python -m knowledge evaluate`). It is a setting of the search, not of the index: the same
+index serves `Retriever(kb, embedder, "en")` and `retriever.with_dense_languages("*")`.
 
 `relevance` (0..1) says whether a hit answers the query at all, for the "not covered" decision: the larger of
 the dense cosine (when the embedder knows the language) and the IDF-weighted share of query terms the chunk
@@ -15,15 +16,18 @@ contains. Unlike BM25 or RRF scores, both are comparable across queries.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from knowledge.chunking import Chunk, text_language
+from common.language import detect_language
+from knowledge.chunking import Chunk
+from knowledge.config import DENSE_LANGUAGES
 from knowledge.embedder import Embedder
+from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import LexicalIndex, tokenize
 from knowledge.store import IndexError_, KnowledgeBase
 
-RRF_K = 60  # the usual constant: ranks 1 and 2 differ little, so neither retriever dominates by itself
 MODES = ("fused", "dense", "lexical")
 
 
@@ -42,17 +46,30 @@ class Hit:
 
 
 class Retriever:
-    def __init__(self, kb: KnowledgeBase, embedder: Embedder):
+    def __init__(self, kb: KnowledgeBase, embedder: Embedder, dense_languages: str = DENSE_LANGUAGES):
+        """`dense_languages`: comma-separated query languages the embedder handles ("*" = all)."""
         self.kb, self.embedder = kb, embedder
+        self.dense_languages = _language_set(dense_languages)
         self.lexical = LexicalIndex(kb.tokens, [c.indexed_text for c in kb.chunks])
 
     @classmethod
-    def open(cls, folder: Path, embedding_model: str | None = None) -> Retriever:
+    def open(cls, folder: Path, embedding_model: str | None = None,
+             dense_languages: str = DENSE_LANGUAGES) -> Retriever:
         """The index in `folder` with the embedder it was built with (IndexError_ if there is none)."""
         kb = KnowledgeBase.open(folder, create=False)
         if embedding_model and embedding_model != kb.embedder_name:
             raise IndexError_(f"the index in {folder} was built with '{kb.embedder_name}', not '{embedding_model}'")
-        return cls(kb, Embedder(kb.config.embedding_model))
+        return cls(kb, Embedder(kb.config.embedding_model), dense_languages)
+
+    def uses_dense(self, language: str) -> bool:
+        """Whether the embedder's similarity counts for queries in `language`."""
+        return "*" in self.dense_languages or language in self.dense_languages
+
+    def with_dense_languages(self, dense_languages: str) -> Retriever:
+        """The same indexes and embedder, searched with other `dense_languages` (nothing is rebuilt)."""
+        other = copy.copy(self)
+        other.dense_languages = _language_set(dense_languages)
+        return other
 
     def refresh(self) -> None:
         """Rebuild the in-memory BM25 index after the knowledge base changed."""
@@ -63,10 +80,10 @@ class Retriever:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not len(self.kb) or not query.strip():
             return []
-        language = language or text_language(query)
+        language = language or detect_language(query)
         terms = tokenize(query)
         pool = min(len(self.kb), max(50, 10 * k))  # candidates from each retriever before fusion
-        use_dense = mode == "dense" or (mode == "fused" and self.kb.config.uses_dense(language))
+        use_dense = mode == "dense" or (mode == "fused" and self.uses_dense(language))
         dense = self._dense(query, pool) if use_dense else {}
         lexical = self.lexical.search(query, pool) if mode != "dense" else {}
         if mode == "dense":
@@ -74,11 +91,11 @@ class Retriever:
         elif mode == "lexical":
             ranked = sorted(lexical.items(), key=lambda item: -item[1])
         else:
-            ranked = sorted(self._fuse(dense, lexical).items(), key=lambda item: -item[1])
+            ranked = list(reciprocal_rank_fusion([_best_first(dense), _best_first(lexical)]).items())
         hits = []
         for row, score in ranked[:k]:
             coverage = self.lexical.coverage(terms, self.kb.tokens[row])
-            cosine = dense.get(row) if self.kb.config.uses_dense(language) else None
+            cosine = dense.get(row) if self.uses_dense(language) else None
             hits.append(Hit(self.kb.chunks[row], float(score), max(coverage, cosine or 0.0),
                             dense.get(row), lexical.get(row)))
         return hits
@@ -88,10 +105,10 @@ class Retriever:
         scores, rows = self.kb.index.search(vector, pool)
         return {int(r): float(s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0}
 
-    @staticmethod
-    def _fuse(dense: dict[int, float], lexical: dict[int, float]) -> dict[int, float]:
-        fused: dict[int, float] = {}
-        for results in (dense, lexical):
-            for rank, row in enumerate(sorted(results, key=lambda r: -results[r]), 1):
-                fused[row] = fused.get(row, 0.0) + 1.0 / (RRF_K + rank)
-        return fused
+
+def _language_set(codes: str) -> frozenset[str]:
+    return frozenset(code.strip() for code in codes.split(",") if code.strip())
+
+
+def _best_first(scores: dict[int, float]) -> list[int]:
+    return sorted(scores, key=lambda row: -scores[row])

@@ -7,7 +7,12 @@
 Layout: `INDEX/CURRENT` names the live generation folder `INDEX/gen-*/`, which holds `chunks.jsonl` (chunk
 metadata and BM25 terms), `vectors.npy`, `dense.faiss` and `manifest.json` (settings and sources). Every write
 builds a complete new generation beside the live one and then replaces CURRENT atomically, so a process killed
-at any moment leaves either the old or the new index, never a mixture; old generations are deleted after.
+at any moment leaves either the old or the new index, never a mixture; old generations are deleted after (one
+that cannot be deleted is reported on stderr, and deleted by the next write).
+
+The default knowledge base, the one the app, `python -m knowledge` and the regression dialogues use when no index
+is named, is decided here (`default_index`): $CHATBOT_HOME/index, built from the bundled documents
+(`BUNDLED_CORPUS`) the first time it is needed.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +34,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from common.paths import index_dir
 from knowledge.chunking import Chunk, chunk_document
 from knowledge.config import KnowledgeConfig
 from knowledge.embedder import EMBEDDED_NAME, Embedder
@@ -35,6 +42,7 @@ from knowledge.lexical import tokenize
 from knowledge.loaders import LoadError, find_files, load_file
 
 FORMAT_VERSION = 1
+BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"  # the bilingual documents the app starts with
 
 
 class IndexError_(RuntimeError):
@@ -112,12 +120,10 @@ class KnowledgeBase:
         if not (len(rows) == len(vectors) == index.ntotal == manifest["chunks"]):
             raise IndexError_(f"the index in {folder} is inconsistent: {len(rows)} chunks, {len(vectors)} vectors, "
                               f"{index.ntotal} in FAISS; rebuild it")
-        saved = KnowledgeConfig(**manifest["config"])
+        saved = KnowledgeConfig.saved(manifest["config"])
         if config is not None and config.embedding_model not in (None, saved.embedding_model):
             raise IndexError_(f"the index in {folder} was built with the embedder '{manifest['embedder']}', not "
                               f"'{config.embedding_model}'; rebuild it with `python -m knowledge build`")
-        if config is not None:  # settings that do not shape the index may change freely
-            saved.dense_languages = config.dense_languages
         tokens = [row.pop("tokens") for row in rows]
         chunks = [Chunk(**row) for row in rows]
         return cls(folder, saved, chunks, tokens, vectors, index, manifest["sources"], manifest["embedder"])
@@ -226,7 +232,10 @@ class KnowledgeBase:
             os.close(directory)
         for stale in self.folder.iterdir():  # earlier generations and leftovers of interrupted writes
             if stale.is_dir() and stale.name != name and stale.name.startswith(("gen-", "tmp-gen-")):
-                shutil.rmtree(stale, ignore_errors=True)
+                try:
+                    shutil.rmtree(stale)
+                except OSError as err:  # the new generation is live; the next write tries again
+                    print(f"warning: could not delete the old index generation {stale}: {err}", file=sys.stderr)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -254,3 +263,19 @@ class KnowledgeBase:
                 "embedder": self.embedder_name, "dimension": int(self.vectors.shape[1]) if len(self.chunks) else 0,
                 "faiss": type(self.index).__name__, "chunk_languages": languages,
                 "config": asdict(self.config)}
+
+
+def default_index(folder: Path | None = None, embedder: Embedder | None = None,
+                  embedding_model: str | None = None) -> Path:
+    """The default knowledge base's folder (`folder`, else $CHATBOT_HOME/index), built from the bundled
+    documents the first time, with `embedder` (else one loaded from `embedding_model`); later calls only return
+    it, with whatever was added or removed since."""
+    folder = Path(folder or index_dir()).expanduser()
+    if not (folder / "CURRENT").is_file():
+        print(f"Building the default knowledge base in {folder} from the bundled documents (first use only)...",
+              file=sys.stderr, flush=True)
+        report = KnowledgeBase.open(folder).add([BUNDLED_CORPUS], embedder or Embedder(embedding_model),
+                                                progress=False)
+        for line in report.lines():
+            print(line, file=sys.stderr)
+    return folder

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny random chat model (fast, offline) and an isolated app data folder."""
+"""Shared fixtures: a tiny random chat model and a model-free embedder (fast, offline), the real embedder (slow),
+and an isolated app data folder.
+
+A test that loads a real model is `slow`: tests that use the `embedder` fixture and the scripted dialogues are
+marked so here, and any other test that loads the embedded generator or embedder in this process without the
+mark fails, so `-m 'not slow'` really runs without them."""
 
 from __future__ import annotations
 
@@ -8,8 +13,27 @@ from pathlib import Path
 import pytest
 
 from chatbot.engine import Engine
-from chatbot.models import models_dir
-from tests.tiny import save_tiny_model, tiny_model, tiny_tokenizer
+from common.paths import models_dir
+from tests.tiny import TinyEmbedder, save_tiny_model, tiny_model, tiny_tokenizer
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if isinstance(item, DialogueItem) or "embedder" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def real_models_only_when_slow(request, monkeypatch):
+    """Outside `slow` tests, finding the embedded generator or embedder is an error that names the missing mark."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} loads a real model: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr("chatbot.models.embedded_gguf", forbidden)
+    monkeypatch.setattr("knowledge.embedder.embedded_embedder_path", forbidden)
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +63,26 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedder():
-    """The real embedded all-MiniLM-L6-v2, loaded once for the whole session."""
+    """The real embedded all-MiniLM-L6-v2, loaded once for the whole session (tests using it are `slow`)."""
     from knowledge.embedder import Embedder
 
     return Embedder()
+
+
+@pytest.fixture(scope="session")
+def docs_index(tmp_path_factory, embedder) -> Path:
+    """tests.docs.DOCS indexed once with the real embedder (read-only: tests open it, none writes to it)."""
+    from knowledge.store import KnowledgeBase
+    from tests.docs import write_docs
+
+    folder = tmp_path_factory.mktemp("docs-index")
+    KnowledgeBase.open(folder / "index").add([write_docs(folder / "docs")], embedder, progress=False)
+    return folder / "index"
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder():
+    return TinyEmbedder()
 
 
 # ----- scripted dialogues: every tests/dialogues/*.yaml becomes one test per dialogue ------------------------

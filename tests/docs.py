@@ -40,3 +40,21 @@ def make_docx(path: Path, heading: str, paragraphs: list[str]) -> Path:
         document.add_paragraph(paragraph)
     document.save(path)
     return path
+
+
+# A small bilingual collection: one fact per file, for retrieval, grounding and the app's /chat API.
+DOCS = {
+    "zh/早停.md": "# 早停\n\n当验证集损失连续几轮不再下降时，就停止训练，并保留验证损失最低的检查点。",
+    "zh/分词.md": "# 中文分词\n\n计算 BLEU 之前，中文句子要先用 jieba 分词，否则整句会被当成一个词。",
+    "zh/隐私.md": "# 隐私保护\n\n日志中的邮箱地址和手机号码在保存前要脱敏，用占位符替换。",
+    "zh/困惑度.md": "# 困惑度\n\n困惑度等于平均交叉熵损失的指数，数值越低说明模型越不意外。",
+    "en/lora.md": "# LoRA\n\nLoRA freezes the base weights and trains two small low-rank matrices.",
+    "en/dropout.md": "# Dropout\n\nDropout randomly zeroes activations during training to reduce over-fitting.",
+}
+
+
+def write_docs(folder: Path) -> Path:
+    for name, text in DOCS.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder

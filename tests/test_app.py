@@ -54,17 +54,15 @@ def test_chat_endpoint_streams_and_takes_history(served):
 
 
 @pytest.fixture
-def served_with_index(tokenizer, tmp_path, embedder):
+def served_with_index(tokenizer, docs_index, embedder):
     from chatbot.engine import Engine
     from chatbot.models import ModelProfile
     from knowledge.retriever import Retriever
     from knowledge.store import KnowledgeBase
-    from tests.test_retriever import write_docs
     from tests.tiny import tiny_model
 
-    KnowledgeBase.open(tmp_path / "index").add([write_docs(tmp_path / "docs")], embedder, progress=False)
     engine = Engine(tiny_model(tokenizer), tokenizer, "tiny", 512, ModelProfile(chat=("en",), grounded=()))
-    retriever = Retriever(KnowledgeBase.open(tmp_path / "index"), embedder)
+    retriever = Retriever(KnowledgeBase.open(docs_index), embedder)
     demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512), retriever))
     demo.queue()
     port = free_port()

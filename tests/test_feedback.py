@@ -29,7 +29,9 @@ def assistant(engine):
 
 def rate(log: FeedbackLog, assistant: Assistant, liked: bool, history: list[dict], question: str, comment: str):
     turn = assistant.turn(history, question)
-    answer = turn.answer() if list(turn.stream()) is not None else None
+    streamed = "".join(turn.stream())
+    answer = turn.answer()
+    assert answer.text == streamed.strip() and answer.mode == "chat"
     conversation = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": answer.text}]
     return log.record(liked, comment, conversation, answer.to_dict(), "tiny", turn.messages)
 

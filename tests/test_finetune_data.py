@@ -3,26 +3,33 @@ truncation, and the config file (unknown keys, flag overrides). Runs in a few se
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from chatbot.chat_format import render_conversation, render_prompt
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
-from finetune.config import ConfigError, FinetuneConfig, read_yaml
+from common.cli import ConfigError, read_yaml
+from finetune.config import FinetuneConfig
 from finetune.data import (
     IGNORE,
     DataError,
     DataReport,
     Dialogue,
     check_problems,
+    passages_shown,
     read_dialogues,
     split,
     to_messages,
     tokenize,
 )
+from finetune.train import load_dialogues
 from finetune.train import main as train_main
+
+DATA = Path(__file__).resolve().parents[1] / "finetune" / "data"
 
 
 def chat(*turns: str, system: str | None = None) -> list[dict]:
@@ -85,6 +92,54 @@ def test_split_is_seeded_and_disjoint():
     assert [d.source for d in split(dialogues, 0.1, seed=3)[1]] == [d.source for d in held]
     assert [d.source for d in split(dialogues, 0.1, seed=4)[1]] != [d.source for d in held]
     assert split(dialogues, 0.0, seed=3) == (dialogues, [])
+
+
+def make_sample():
+    """finetune/data/make_sample.py, a script in a folder that a module (finetune/data.py) shadows."""
+    spec = importlib.util.spec_from_file_location("make_sample", DATA / "make_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_held_out_set_shares_no_passage_topic_or_question_with_training():
+    report = DataReport()
+    train = read_dialogues(str(DATA / "sample_dialogues.jsonl"), "", report)
+    held = read_dialogues(str(DATA / "sample_heldout.jsonl"), "", report)
+    assert len(held) >= 40 and len(train) > 5 * len(held) and not report.problems
+    assert passages_shown(held) and passages_shown(train).isdisjoint(passages_shown(held))
+    assert {d.messages[1]["content"] for d in train}.isdisjoint(d.messages[1]["content"] for d in held)
+    sample = make_sample()
+    passages, _ = sample.load_source(sample.SOURCE)
+    topic = {p["text"].strip(): p["topic"] for p in passages.values()}
+    held_topics = {topic[text] for text in passages_shown(held)} - {sample.INJECTION_TOPIC}
+    assert held_topics == set(sample.HELD_OUT_TOPICS)
+    assert held_topics.isdisjoint(topic[text] for text in passages_shown(train))
+
+
+def test_the_split_check_catches_a_shared_passage():
+    sample = make_sample()
+    passages, conversations = sample.load_source(sample.SOURCE)
+    sides = sample.assign_sides(conversations, passages)
+    records = {side: [sample.build(c, passages, side)[0] for c, s in zip(conversations, sides, strict=True)
+                      if s == side][:40] for side in ("train", "heldout")}
+    sample.check_split(records["train"], records["heldout"], passages)  # the real split passes
+    with pytest.raises(ValueError, match="the held-out set shares [0-9]+ passages"):
+        sample.check_split(records["train"] + records["heldout"][:1], records["heldout"], passages)
+
+
+def test_training_warns_when_held_out_dialogues_show_training_passages(tmp_path, capsys):
+    lines = (DATA / "sample_dialogues.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:30]) + "\n", encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[20:40]) + "\n", encoding="utf-8")
+    report = DataReport()
+    load_dialogues(FinetuneConfig(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl")), report)
+    assert report.shared_passages > 0 and report.counts()["shared_passages"] == report.shared_passages
+    assert f"{report.shared_passages} passages appear in both" in capsys.readouterr().err
+    report = DataReport()
+    load_dialogues(FinetuneConfig(data=str(DATA / "sample_dialogues.jsonl"),
+                                  eval_data=str(DATA / "sample_heldout.jsonl")), report)
+    assert report.shared_passages == 0 and "warning" not in capsys.readouterr().err
 
 
 def test_loss_mask_covers_replies_and_their_end_of_turn_token(tokenizer):

@@ -15,9 +15,9 @@ from chatbot.models import ModelProfile
 from chatbot.prompts import NOT_COVERED, REFUSAL, SMALL_TALK, Passage, user_turn
 from knowledge.retriever import Retriever
 from knowledge.store import KnowledgeBase
+from tests.docs import write_docs
 from tests.test_cli import run_cli as run_chatbot
 from tests.test_retriever import run_cli as run_knowledge
-from tests.test_retriever import write_docs
 from tests.tiny import tiny_model
 
 PASSAGES = [Passage(1, "lora.md", "LoRA freezes the base weights. LoRA trains two small low-rank matrices."),
@@ -53,11 +53,9 @@ def test_passages_are_quoted_as_untrusted_data():
     assert prompt.endswith("Question: What does LoRA train?")
 
 
-@pytest.fixture(scope="module")
-def index(tmp_path_factory, embedder):
-    folder = tmp_path_factory.mktemp("grounding")
-    KnowledgeBase.open(folder / "index").add([write_docs(folder / "docs")], embedder, progress=False)
-    return folder / "index"
+@pytest.fixture
+def index(docs_index):
+    return docs_index
 
 
 def make_assistant(tokenizer, index, embedder, profile: ModelProfile) -> Assistant:
@@ -114,6 +112,7 @@ def test_harmful_requests_are_refused_without_retrieval(tokenizer, index, embedd
     assert (answer.mode, answer.text, answer.query) == ("refused", REFUSAL["zh"], None)
 
 
+@pytest.mark.slow  # `python -m knowledge build` loads the real embedder
 def test_chatbot_ask_with_index_cites_the_right_file(tmp_path, tiny_model_dir):
     docs = write_docs(tmp_path / "docs")
     assert run_knowledge("build", str(docs), "--index", str(tmp_path / "index")).returncode == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatbot.assistant import conversation_language
-from chatbot.language import detect_language
+from common.language import detect_language
 
 
 @pytest.mark.parametrize("text,code", [

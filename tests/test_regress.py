@@ -73,9 +73,10 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
-def test_a_wrong_expectation_fails_with_a_readable_report(tmp_path):
-    result = run(str(FIXTURES / "wrong_expectation.yaml"), "--junit", str(tmp_path / "r.xml"),
-                 "--json", str(tmp_path / "r.json"))
+def test_a_wrong_expectation_fails_with_a_readable_report(tmp_path, tiny_model_dir):
+    # The tiny model answers, so the real one is not loaded; the report is what is tested here.
+    result = run(str(FIXTURES / "wrong_expectation.yaml"), "--model", str(tiny_model_dir),
+                 "--junit", str(tmp_path / "r.xml"), "--json", str(tmp_path / "r.json"))
     assert result.returncode == 1
     assert "FAIL  wrong_expectation.yaml::a deliberately wrong expectation" in result.stdout
     assert "expected: contains 'this phrase is never in a greeting'" in result.stdout

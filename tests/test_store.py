@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import faiss
@@ -37,21 +38,21 @@ def consistent(folder: Path) -> KnowledgeBase:
     return kb
 
 
-def test_build_add_change_remove(tmp_path, docs, embedder):
+def test_build_add_change_remove(tmp_path, docs, tiny_embedder):
     index = tmp_path / "index"
     kb = KnowledgeBase.open(index)
-    report = kb.add([docs], embedder, progress=False)
+    report = kb.add([docs], tiny_embedder, progress=False)
     assert sorted(report.added) == ["lora.md", "rag.md"] and report.chunks == 3
     generation = (index / "CURRENT").read_text()
     ids = {c.id for c in consistent(index).chunks}
 
-    again = KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    again = KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     assert sorted(again.unchanged) == ["lora.md", "rag.md"] and not again.added
     assert (index / "CURRENT").read_text() == generation, "an unchanged file must not rewrite the index"
     assert {c.id for c in consistent(index).chunks} == ids
 
     (docs / "lora.md").write_text("# LoRA\n\nLoRA freezes the base weights.\n\n## Size\n\nAdapters are tiny.")
-    changed = KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    changed = KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     assert changed.updated == ["lora.md"] and changed.unchanged == ["rag.md"]
     kb = consistent(index)
     texts = [c.text for c in kb.chunks]
@@ -64,18 +65,18 @@ def test_build_add_change_remove(tmp_path, docs, embedder):
     assert len(list(index.glob("gen-*"))) == 1, "old generations are cleaned up"
 
 
-def test_bad_files_are_skipped_and_the_build_goes_on(tmp_path, docs, embedder):
+def test_bad_files_are_skipped_and_the_build_goes_on(tmp_path, docs, tiny_embedder):
     (docs / "broken.pdf").write_bytes(b"%PDF-1.4 nonsense")
     (docs / "empty.txt").write_text("")
-    report = KnowledgeBase.open(tmp_path / "index").add([docs], embedder, progress=False)
+    report = KnowledgeBase.open(tmp_path / "index").add([docs], tiny_embedder, progress=False)
     assert sorted(report.added) == ["lora.md", "rag.md"]
     assert sorted(Path(path).name for path, _ in report.skipped) == ["broken.pdf", "empty.txt"]
     assert all(reason for _, reason in report.skipped)
 
 
-def test_a_failed_write_leaves_the_previous_index(tmp_path, docs, embedder, monkeypatch):
+def test_a_failed_write_leaves_the_previous_index(tmp_path, docs, tiny_embedder, monkeypatch):
     index = tmp_path / "index"
-    KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     before = [c.id for c in consistent(index).chunks]
     (docs / "new.md").write_text("# New\n\nA new document about early stopping.")
 
@@ -84,10 +85,10 @@ def test_a_failed_write_leaves_the_previous_index(tmp_path, docs, embedder, monk
 
     monkeypatch.setattr(faiss, "write_index", crash)  # dies half-way through writing the new generation
     with pytest.raises(OSError, match="disk full"):
-        KnowledgeBase.open(index).add([docs], embedder, progress=False)
+        KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     monkeypatch.undo()
     assert [c.id for c in consistent(index).chunks] == before
-    KnowledgeBase.open(index).add([docs], embedder, progress=False)  # and the next write cleans up
+    KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)  # and the next write cleans up
     assert "new.md" in consistent(index).sources
     assert not list(index.glob("tmp-*"))
 
@@ -118,25 +119,47 @@ def test_sigkill_during_build_never_leaves_a_broken_index(tmp_path, embedder):
     assert len(consistent(index).sources) == 1 + 3 * 22
 
 
-def test_hnsw_past_the_configured_size(tmp_path, docs, embedder):
+def test_hnsw_past_the_configured_size(tmp_path, docs, tiny_embedder):
     kb = KnowledgeBase.open(tmp_path / "index", KnowledgeConfig(approximate_after=2))
-    kb.add([docs], embedder, progress=False)
+    kb.add([docs], tiny_embedder, progress=False)
     assert isinstance(consistent(tmp_path / "index").index, faiss.IndexHNSWFlat)
 
 
-def test_the_settings_are_saved_with_the_index(tmp_path, docs, embedder):
-    KnowledgeBase.open(tmp_path / "index", KnowledgeConfig(chunk_tokens=50)).add([docs], embedder, progress=False)
-    generation = tmp_path / "index" / (tmp_path / "index" / "CURRENT").read_text()
-    manifest = json.loads((generation / "manifest.json").read_text())
-    assert manifest["config"]["chunk_tokens"] == 50 and manifest["embedder"] == "all-MiniLM-L6-v2"
-    assert KnowledgeBase.open(tmp_path / "index").config.chunk_tokens == 50
+def test_the_settings_are_saved_with_the_index(tmp_path, docs, tiny_embedder):
+    index = tmp_path / "index"
+    KnowledgeBase.open(index, KnowledgeConfig(chunk_tokens=50)).add([docs], tiny_embedder, progress=False)
+    manifest_file = index / (index / "CURRENT").read_text() / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["config"] == asdict(KnowledgeConfig(chunk_tokens=50)) and manifest["embedder"] == "tiny-hash"
+    assert "dense_languages" not in manifest["config"], "a setting of the search is not saved with the index"
+    assert KnowledgeBase.open(index).config.chunk_tokens == 50
+    # Indexes written before dense_languages moved to the retriever still open.
+    manifest["config"]["dense_languages"] = "en"
+    manifest_file.write_text(json.dumps(manifest))
+    assert KnowledgeBase.open(index, create=False).config.chunk_tokens == 50
 
 
-def test_opening_a_missing_or_inconsistent_index_fails_clearly(tmp_path, docs, embedder):
+def test_an_old_generation_that_cannot_be_deleted_is_reported(tmp_path, docs, tiny_embedder, monkeypatch, capsys):
+    index = tmp_path / "index"
+    KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
+    old = index / (index / "CURRENT").read_text()
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr("knowledge.store.shutil.rmtree", refuse)
+        KnowledgeBase.open(index).remove(["rag.md"])
+    assert old.is_dir() and f"could not delete the old index generation {old}" in capsys.readouterr().err
+    KnowledgeBase.open(index).remove(["lora.md"])  # the next write deletes it
+    assert not old.exists() and len(list(index.glob("gen-*"))) == 1
+
+
+def test_opening_a_missing_or_inconsistent_index_fails_clearly(tmp_path, docs, tiny_embedder):
     with pytest.raises(IndexError_, match="holds no index"):
         KnowledgeBase.open(tmp_path / "none", create=False)
     index = tmp_path / "index"
-    KnowledgeBase.open(index).add([docs], embedder, progress=False)
+    KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     generation = index / (index / "CURRENT").read_text()
     rows = (generation / "chunks.jsonl").read_text().splitlines()
     (generation / "chunks.jsonl").write_text("\n".join(rows[:-1]) + "\n")

@@ -25,8 +25,8 @@ from chatbot.models import ModelProfile
 from chatbot.regress import load_dialogues
 from knowledge.retriever import Retriever
 from knowledge.store import KnowledgeBase
+from tests.docs import write_docs
 from tests.test_app import free_port
-from tests.test_retriever import write_docs
 from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -56,3 +57,23 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     tiny_model(tokenizer, seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class TinyEmbedder:
+    """A stand-in for `knowledge.embedder.Embedder` with no model: each text is a normalised bag of its hashed
+    index terms (`knowledge.lexical.tokenize`). Deterministic and instant, for tests of the store's bookkeeping;
+    retrieval quality is tested with the real embedder (`slow`)."""
+
+    name = "tiny-hash"
+    dimension = 64
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        import zlib
+
+        from knowledge.lexical import tokenize
+
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for term in tokenize(text) or [text]:
+                vectors[row, zlib.crc32(term.encode()) % self.dimension] += 1.0
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)

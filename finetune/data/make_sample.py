@@ -5,8 +5,8 @@ Run from the repository root:
 
     python finetune/data/make_sample.py          # or .venv/bin/python finetune/data/make_sample.py
 
-It reads the hand-written content in `finetune/data/sample_source.yaml` and writes
-`finetune/data/sample_dialogues.jsonl`, one conversation per line:
+It reads the hand-written content in `finetune/data/sample_source.yaml` and writes two files, one conversation
+per line: `finetune/data/sample_dialogues.jsonl` (training) and `finetune/data/sample_heldout.jsonl` (evaluation):
 
     {"messages": [{"role": "system", "content": ...}, {"role": "user", ...}, {"role": "assistant", ...}, ...]}
 
@@ -26,10 +26,17 @@ The source YAML is a stream of documents, each with optional `passages` (key -> 
   a      the reply (or, with `fixed`, an optional sentence after the fixed text).
 A turn with none of p, show, n has no retrieval. Passage order and distractors are drawn from a random
 generator seeded by the conversation's first question, so the output is deterministic.
+
+The held-out set shares no passage and no topic with the training set, so its figures measure questions over
+documents the tuned model has never seen: every conversation about a topic in HELD_OUT_TOPICS is held out, and
+distractor passages are drawn only from the conversation's own side of the split. Conversations that show no
+passage (general questions, greetings, refusals) are held out by a seeded share per category and language.
+`main` checks the written files for any shared passage, topic or question and fails if it finds one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -43,12 +50,25 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `chatbot` importable
     sys.path.insert(0, str(ROOT))
 
-from chatbot.language import detect_language  # noqa: E402
-from chatbot.prompts import DEFAULT_SYSTEM_PROMPT, NOT_COVERED, REFUSAL, Passage, user_turn  # noqa: E402
+from chatbot.grounding import cited_numbers  # noqa: E402
+from chatbot.prompts import (  # noqa: E402
+    DEFAULT_SYSTEM_PROMPT,
+    NOT_COVERED,
+    REFUSAL,
+    Passage,
+    shown_passages,
+    user_turn,
+)
+from common.language import HAN, detect_language  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "sample_source.yaml"
 OUTPUT = HERE / "sample_dialogues.jsonl"
+HELD_OUT_OUTPUT = HERE / "sample_heldout.jsonl"
+# Whole topics held out, in both languages: about 10% of the conversations, with enough topics (three) that a
+# held-out question still gets distractor passages from another held-out topic.
+HELD_OUT_TOPICS = frozenset({"history", "home", "pets"})
+HELD_OUT_SHARE = 0.1  # of the conversations without passages, per category and language
 
 CATEGORIES = ("grounded", "not_covered", "injection", "refusal", "smalltalk", "followup", "general")
 LANGUAGES = ("en", "zh")
@@ -56,8 +76,6 @@ FIXED = {"not_covered": NOT_COVERED, "refusal": REFUSAL}
 INJECTION_TOPIC = "injection"  # passages with planted instructions; never drawn as random distractors
 OTHER_LANGUAGE_DISTRACTOR = 0.2  # chance that a distractor comes from the other language's documents
 PLACEHOLDER = re.compile(r"\[@([A-Za-z0-9_]+)\]")
-CITATION = re.compile(r"\[(\d+)\]")
-HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
 def load_source(path: Path) -> tuple[dict[str, dict], list[dict]]:
@@ -82,8 +100,9 @@ def passage_language(passage: dict) -> str:
     return passage["lang"]
 
 
-def choose_passages(turn: dict, language: str, passages: dict[str, dict], rng: random.Random) -> list[str]:
-    """Keys of the passages this turn shows, in prompt order."""
+def choose_passages(turn: dict, language: str, passages: dict[str, dict], rng: random.Random,
+                    side: str = "train") -> list[str]:
+    """Keys of the passages this turn shows, in prompt order; distractors come from `side` of the split."""
     relevant = list(turn.get("p") or [])
     shown = list(turn.get("show") or [])
     chosen = relevant + shown
@@ -96,7 +115,7 @@ def choose_passages(turn: dict, language: str, passages: dict[str, dict], rng: r
     banned_topics = {passages[key]["topic"] for key in chosen} | set(turn.get("avoid") or [])
     candidates = sorted(key for key, passage in passages.items()
                         if key not in chosen and passage["topic"] not in banned_topics
-                        and passage["topic"] != INJECTION_TOPIC)
+                        and passage["topic"] != INJECTION_TOPIC and topic_side(passage["topic"]) == side)
     while len(chosen) < count:
         other = "en" if language == "zh" else "zh"
         want = other if rng.random() < OTHER_LANGUAGE_DISTRACTOR else language
@@ -111,9 +130,70 @@ def choose_passages(turn: dict, language: str, passages: dict[str, dict], rng: r
     return chosen
 
 
+def topic_side(topic: str) -> str:
+    return "heldout" if topic in HELD_OUT_TOPICS else "train"
+
+
+def listed_passages(conversation: dict) -> set[str]:
+    """Keys of the passages a conversation names (relevant ones and shown near misses), not its distractors."""
+    return {key for turn in conversation["turns"] for key in [*(turn.get("p") or []), *(turn.get("show") or [])]}
+
+
+def assign_sides(conversations: list[dict], passages: dict[str, dict]) -> list[str]:
+    """"train" or "heldout" for each conversation.
+
+    A conversation goes with the topics of its passages; one whose passages are all planted instructions goes
+    with the other conversations that show them; one without passages is held out by a seeded share of its
+    category and language (the first questions' hashes order each group)."""
+    sides: list[str | None] = []
+    for conversation in conversations:
+        topics = {passages[key]["topic"] for key in listed_passages(conversation)} - {INJECTION_TOPIC}
+        found = {topic_side(topic) for topic in topics}
+        if len(found) > 1:
+            raise ValueError(f"conversation {conversation['turns'][0]['q']!r} mixes held-out and training topics "
+                             f"{sorted(topics)}")
+        sides.append(found.pop() if found else None)
+    side_of_passage = {key: side for conversation, side in zip(conversations, sides, strict=True) if side
+                       for key in listed_passages(conversation)}
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, conversation in enumerate(conversations):
+        if sides[index] is not None:
+            continue
+        linked = {side_of_passage[key] for key in listed_passages(conversation) if key in side_of_passage}
+        if linked:
+            sides[index] = linked.pop()
+        else:
+            groups.setdefault((conversation["category"], conversation["lang"]), []).append(index)
+    for members in groups.values():
+        members.sort(key=lambda i: hashlib.sha256(str(conversations[i]["turns"][0]["q"]).encode()).hexdigest())
+        held = round(HELD_OUT_SHARE * len(members))
+        for rank, index in enumerate(members):
+            sides[index] = "heldout" if rank < held else "train"
+    return [side or "train" for side in sides]
+
+
+def check_split(train: list[dict], heldout: list[dict], passages: dict[str, dict]) -> None:
+    """Fail if the held-out records share a passage, a topic or a first question with the training records."""
+    topic_of = {passage["text"].strip(): passage["topic"] for passage in passages.values()}
+
+    def contents(records: list[dict]) -> tuple[set[str], set[str], set[str]]:
+        texts = {p.text for record in records for message in record["messages"] if message["role"] == "user"
+                 for p in shown_passages(message["content"])}
+        questions = {record["messages"][1]["content"] for record in records}
+        return texts, {topic_of[text] for text in texts} - {INJECTION_TOPIC}, questions
+
+    (train_texts, train_topics, train_questions), (held_texts, held_topics, held_questions) = \
+        contents(train), contents(heldout)
+    for what, shared in (("passages", train_texts & held_texts), ("topics", train_topics & held_topics),
+                         ("questions", train_questions & held_questions)):
+        if shared:
+            raise ValueError(f"the held-out set shares {len(shared)} {what} with the training set: "
+                             f"{sorted(shared)[:3]}")
+
+
 def render_reply(turn: dict, language: str, numbers: dict[str, int], relevant: list[str]) -> str:
     text = str(turn.get("a") or "").strip()
-    if CITATION.search(text):
+    if cited_numbers(text):
         raise ValueError(f"write citations as [@key], not numbers: {text!r}")
     used = set(PLACEHOLDER.findall(text))
     if used - set(relevant):
@@ -130,7 +210,7 @@ def render_reply(turn: dict, language: str, numbers: dict[str, int], relevant: l
     return text
 
 
-def build(conversation: dict, passages: dict[str, dict]) -> tuple[dict, list[int]]:
+def build(conversation: dict, passages: dict[str, dict], side: str = "train") -> tuple[dict, list[int]]:
     """The JSONL record of one conversation, and the prompt positions of the passages its replies cite."""
     category, language = conversation["category"], conversation["lang"]
     if category not in CATEGORIES or language not in LANGUAGES:
@@ -149,7 +229,7 @@ def build(conversation: dict, passages: dict[str, dict]) -> tuple[dict, list[int
             raise ValueError(f"{question!r} is detected as {detected!r}, not {language!r}; rephrase it")
         retrieval = any(field in turn for field in ("p", "show", "n"))
         if retrieval:
-            keys = choose_passages(turn, language, passages, rng)
+            keys = choose_passages(turn, language, passages, rng, side)
             numbers = {key: index for index, key in enumerate(keys, start=1)}
             shown = [Passage(numbers[key], passages[key]["label"], passages[key]["text"]) for key in keys]
             content = user_turn(question, language, shown)
@@ -173,9 +253,9 @@ def check(record: dict, language: str) -> None:
         assert message["role"] == ("user" if index % 2 == 0 else "assistant"), "roles must alternate"
         assert message["content"].strip(), "empty message"
         if message["role"] == "user":
-            shown_numbers = {int(n) for n in re.findall(r"^\[(\d+)\] ", message["content"], flags=re.M)}
+            shown_numbers = {passage.number for passage in shown_passages(message["content"])}
         else:
-            cited = {int(n) for n in CITATION.findall(message["content"])}
+            cited = set(cited_numbers(message["content"]))
             assert cited <= shown_numbers, f"cites {cited - shown_numbers}, not among this turn's passages"
             has_han = bool(HAN.search(message["content"]))
             assert has_han == (language == "zh"), f"reply not in {language}: {message['content']!r}"
@@ -183,42 +263,41 @@ def check(record: dict, language: str) -> None:
 
 def main() -> None:
     passages, conversations = load_source(SOURCE)
-    records: list[str] = []
-    by_category: Counter[tuple[str, str]] = Counter()
+    sides = assign_sides(conversations, passages)
+    records: dict[str, list[dict]] = {"train": [], "heldout": []}
+    by_category: Counter[tuple[str, str, str]] = Counter()
     multi_turn: Counter[str] = Counter()
     positions: Counter[int] = Counter()
-    used_passages: set[str] = set()
     seen_questions: set[tuple[str, ...]] = set()
-    for conversation in conversations:
-        record, cited = build(conversation, passages)
+    for conversation, side in zip(conversations, sides, strict=True):
+        record, cited = build(conversation, passages, side)
         check(record, conversation["lang"])
         questions = tuple(str(turn["q"]).strip() for turn in conversation["turns"])
         if questions in seen_questions:
             raise ValueError(f"duplicate conversation: {questions}")
         seen_questions.add(questions)
-        records.append(json.dumps(record, ensure_ascii=False))
-        by_category[conversation["category"], conversation["lang"]] += 1
+        records[side].append(record)
+        by_category[conversation["category"], conversation["lang"], side] += 1
         if len(conversation["turns"]) > 1:
             multi_turn[conversation["lang"]] += 1
         positions.update(cited)
-        for message in record["messages"]:
-            if message["role"] == "user":
-                used_passages.update(key for key, passage in passages.items()
-                                     if f'\n"""\n{passage["text"].strip()}\n"""' in message["content"])
-    OUTPUT.write_text("\n".join(records) + "\n", encoding="utf-8")
+    check_split(records["train"], records["heldout"], passages)
+    for side, path in (("train", OUTPUT), ("heldout", HELD_OUT_OUTPUT)):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[side]), encoding="utf-8")
+        print(f"wrote {len(records[side])} conversations to {path.relative_to(ROOT)}")
 
-    total = len(records)
-    print(f"wrote {total} conversations to {OUTPUT.relative_to(ROOT)}")
-    print(f"{'category':<12}{'en':>6}{'zh':>6}{'all':>6}")
+    total = len(conversations)
+    print(f"{'category':<12}{'train en':>9}{'zh':>5}{'held-out en':>13}{'zh':>5}")
     for category in CATEGORIES:
-        en, zh = by_category[category, "en"], by_category[category, "zh"]
-        print(f"{category:<12}{en:>6}{zh:>6}{en + zh:>6}  ({(en + zh) / total:.0%})")
-    en_total = sum(v for (_, lang), v in by_category.items() if lang == "en")
-    zh_total = total - en_total
-    print(f"{'total':<12}{en_total:>6}{zh_total:>6}{total:>6}  (Chinese {zh_total / total:.0%})")
+        counts = [by_category[category, language, side] for side in ("train", "heldout") for language in LANGUAGES]
+        print(f"{category:<12}{counts[0]:>9}{counts[1]:>5}{counts[2]:>13}{counts[3]:>5}")
+    zh_total = sum(v for (_, language, _), v in by_category.items() if language == "zh")
+    print(f"total {total} (Chinese {zh_total / total:.0%}); held-out topics: {', '.join(sorted(HELD_OUT_TOPICS))}")
     print(f"multi-turn conversations: {sum(multi_turn.values())} (en {multi_turn['en']}, zh {multi_turn['zh']})")
     print("cited passage positions: " + ", ".join(f"[{n}] {positions[n]}" for n in sorted(positions)))
-    print(f"passages written: {len(passages)}, shown at least once: {len(used_passages)}")
+    shown = {p.text for side in records.values() for r in side for m in r["messages"] if m["role"] == "user"
+             for p in shown_passages(m["content"])}
+    print(f"passages written: {len(passages)}, shown at least once: {len(shown)}")
 
 
 if __name__ == "__main__":
