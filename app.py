@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from chatbot.assistant import Answer, Assistant, Turn  # noqa: E402
+from chatbot.assistant import Answer, Assistant, Turn, check_input  # noqa: E402
 from chatbot.chat_format import message_text  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import PromptTooLongError  # noqa: E402
@@ -74,6 +74,8 @@ class ChatApp:
 
     def _turn(self, message: str, history: list[dict] | None) -> Turn:
         try:
+            # The history as sent is checked first: the API accepts whatever a client posts.
+            check_input(history or [], message, self.assistant.config)
             return self.assistant.turn(model_history(history), message)
         except (ValueError, PromptTooLongError) as err:
             raise gr.Error(str(err)) from err

@@ -8,7 +8,7 @@ web app both drive it.
     turn.answer()   # Answer(text="... [1]", sources=[{...}], language="en", mode="extractive", timings={...})
 
 How a turn is answered (`Answer.mode`):
-- "refused": a harmful request (see chatbot.intent); a fixed reply in the user's language.
+- "refused": a harmful request (see chatbot.safety); a fixed reply in the user's language.
 - "chat": small talk, or any message when there is no knowledge base: the model answers from itself.
 - "not_covered": a knowledge base exists but no passage is relevant: a fixed reply, nothing invented.
 - "grounded": the model answers from the passages; its citations are checked and completed.
@@ -21,6 +21,7 @@ passages and language instruction are added here, so they never pile up in the h
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,9 +33,51 @@ from chatbot.config import ChatConfig
 from chatbot.engine import Engine, GenerationOptions
 from chatbot.grounding import Grounding, cite, cited_numbers, extractive_answer, ground, term_overlap
 from chatbot.intent import classify
-from chatbot.prompts import NOT_COVERED, REFUSAL, SELF_HARM, SMALL_TALK, localized, user_turn
+from chatbot.prompts import (
+    BAD_HISTORY,
+    EMPTY_MESSAGE,
+    NOT_COVERED,
+    REFUSAL,
+    SELF_HARM,
+    SMALL_TALK,
+    TOO_LONG,
+    localized,
+    user_turn,
+)
+from chatbot.safety import SafetyGuard
 from common.language import detect_language
 from knowledge.retriever import Retriever
+
+
+class InputError(ValueError):
+    """A request refused before any work is done on it; the message is in the user's language."""
+
+
+def check_input(history: object, question: object, config: ChatConfig) -> None:
+    """Refuse, cheaply and before any segmentation or tokenisation, a message or history that is not what a chat
+    request holds, or is longer than the configured bounds."""
+    sample = question[:200] if isinstance(question, str) else ""
+    language = detect_language(sample) if sample.strip() else "en"
+    if not isinstance(question, str) or not question.strip():
+        raise InputError(localized(EMPTY_MESSAGE, language))
+    if len(question) > config.max_input_chars:
+        raise InputError(localized(TOO_LONG, language).format(length=len(question), limit=config.max_input_chars))
+
+    def bad(what: str) -> InputError:
+        return InputError(localized(BAD_HISTORY, language).format(what=what))
+
+    if not isinstance(history, list | tuple):
+        raise bad(f"got {type(history).__name__}, not a list")
+    if len(history) > config.max_history_messages:
+        raise bad(f"{len(history)} messages, at most {config.max_history_messages}")
+    for number, message in enumerate(history, 1):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            raise bad(f"message {number} is not a {{role, content}} object with role user or assistant")
+        content = message.get("content")
+        if not isinstance(content, str | list | dict | type(None)):
+            raise bad(f"the content of message {number} is not text")
+        if len(message_text(content)) > config.max_input_chars:
+            raise bad(f"message {number} is longer than {config.max_input_chars:,} characters")
 
 
 @dataclass
@@ -109,6 +152,9 @@ def _fixed(text: str) -> Callable[[threading.Event], Iterator[str]]:
 class Assistant:
     def __init__(self, engine: Engine, config: ChatConfig, retriever: Retriever | None = None):
         self.engine, self.config, self.retriever = engine, config, retriever
+        self.guard = SafetyGuard(config.safety_model)  # the patterns alone unless --safety-model is given
+        if self.guard.model_error:
+            print(f"warning: {self.guard.model_error}", file=sys.stderr)
 
     @classmethod
     def load(cls, config: ChatConfig) -> Assistant:
@@ -125,7 +171,17 @@ class Assistant:
                                  seed=c.seed)
 
     def _generate(self, messages: list[Message]) -> Callable[[threading.Event], Iterator[str]]:
-        return lambda stop: self.engine.stream(messages, self.options, stop=stop)
+        def produce(stop: threading.Event) -> Iterator[str]:
+            # No request holds the engine longer than time_limit: the answer so far is kept, generation ends.
+            timer = threading.Timer(self.config.time_limit, stop.set)
+            timer.daemon = True
+            timer.start()
+            try:
+                yield from self.engine.stream(messages, self.options, stop=stop)
+            finally:
+                timer.cancel()
+
+        return produce
 
     def _messages(self, history: Sequence[Message], current: str) -> list[Message]:
         messages = [{"role": "system", "content": self.config.system_prompt}]
@@ -134,12 +190,13 @@ class Assistant:
         return messages + [{"role": "user", "content": current}]
 
     def turn(self, history: Sequence[Message], question: str) -> Turn:
+        """The answer to `question` after `history`; InputError (in the user's language) for a request that is
+        empty, too long or malformed, before any work is done on it."""
         started = time.perf_counter()
+        check_input(history, question, self.config)
         question = question.strip()
-        if not question:
-            raise ValueError("The question is empty.")
         language = conversation_language(history, question)
-        intent = classify(question)
+        intent = classify(question, self.guard)
         # `plain` is the prompt without passages; fixed replies carry it too, so that a liked answer can become
         # training data in exactly the format the model is served with.
         plain = self._messages(history, user_turn(question, language))

@@ -39,6 +39,14 @@ class ChatConfig:
     # 135M model gains little from distant turns.
     context_tokens: int = field(default=2048, metadata={"help": "token budget for prompt + reply"})
 
+    # 8,000 characters is several pages; a longer message cannot fit the context budget anyway, and refusing it
+    # before any tokenisation keeps one visitor from holding the engine (a 100,000-character message took 135 s).
+    max_input_chars: int = field(default=8000, metadata={
+        "help": "longest message accepted, in characters (also the limit of each message in the history)"})
+    max_history_messages: int = field(default=200, metadata={"help": "most earlier messages accepted with a request"})
+    time_limit: float = field(default=120.0, metadata={
+        "help": "seconds after which an answer is cut off, so that no request holds the engine longer"})
+
     index: str | None = field(default=None, metadata={
         "help": "knowledge base folder to answer from, with citations (python -m knowledge build ...); "
                 "without it the bot chats from the model alone"})
@@ -48,6 +56,9 @@ class ChatConfig:
     min_relevance: float = field(default=0.35, metadata={
         "help": "0..1; passages below it count as not relevant, and without relevant ones the bot says the "
                 "knowledge base does not cover the question"})
+    safety_model: str | None = field(default=None, metadata={
+        "help": "Hub id or folder of a guard classifier (text-classification, safe/unsafe labels) consulted besides "
+                "the built-in bilingual safety patterns (chatbot.safety)"})
     dense_languages: str = field(default=DENSE_LANGUAGES, metadata={
         "help": "comma-separated question languages the embedder handles ('*' = all; set it for a multilingual "
                 f"--embedding-model; default {DENSE_LANGUAGES}, for the bundled English MiniLM)"})
@@ -59,6 +70,8 @@ class ChatConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_input_chars < 1 or self.max_history_messages < 0 or self.time_limit <= 0:
+            raise ValueError("max_input_chars and time_limit must be positive, max_history_messages >= 0")
         if self.passages < 1:
             raise ValueError(f"passages must be at least 1, got {self.passages}")
         if not 0 <= self.min_relevance <= 1:

@@ -45,6 +45,18 @@ SMALL_TALK = {
           "What would you like to know?",
     "zh": "你好！我可以根据知识库中的文档回答问题，并注明引用的段落。请问你想了解什么？",
 }
+# Input that is refused before any work is done on it (OWASP LLM10: bounded work per request).
+EMPTY_MESSAGE = {"en": "The message is empty.", "zh": "消息是空的。"}
+TOO_LONG = {
+    "en": "The message is too long: {length:,} characters, and at most {limit:,} are accepted. Please shorten it.",
+    "zh": "消息太长：共 {length:,} 个字符，最多接受 {limit:,} 个。请缩短后再发送。",
+}
+BAD_HISTORY = {
+    "en": "The conversation history is not valid: {what}. Send a list of {{\"role\": \"user\" | \"assistant\", "
+          "\"content\": text}} messages.",
+    "zh": "对话历史格式不正确：{what}。请发送由 {{\"role\": \"user\" 或 \"assistant\", \"content\": 文本}} "
+          "组成的列表。",
+}
 EXTRACTIVE_INTRO = {
     "en": "From the documents:",
     "zh": "根据文档：",

@@ -85,6 +85,18 @@ def test_chat_endpoint_rejects_empty_message(served):
         served.predict("   ", [], api_name="/chat")
 
 
+def test_oversized_messages_and_malformed_history_get_clear_errors(served):
+    with pytest.raises(Exception, match="too long: 100,000 characters, and at most 8,000"):
+        served.predict("a" * 100_000, [], api_name="/chat")
+    with pytest.raises(Exception, match="消息太长：共 100,000 个字符"):
+        served.predict("长" * 100_000, [], api_name="/chat")
+    with pytest.raises(Exception, match="history is not valid: got str, not a list"):
+        served.predict("hello", "not a list", api_name="/chat")
+    with pytest.raises(Exception, match="message 1 is not a"):
+        served.predict("hello", [{"speaker": "me", "text": "hi"}], api_name="/chat")
+    assert served.predict("hello", [], api_name="/chat")["mode"] == "chat", "the app keeps serving"
+
+
 @pytest.mark.slow
 def test_python_app_py_serves_the_embedded_model():
     port = free_port()

@@ -46,6 +46,36 @@ def test_empty_question_is_rejected(assistant):
         assistant.turn([], "   ")
 
 
+def test_requests_are_bounded_before_any_work(assistant, monkeypatch):
+    from chatbot.assistant import InputError
+
+    monkeypatch.setattr("chatbot.assistant.classify", lambda *a: pytest.fail("checked after the bounds"))
+    with pytest.raises(InputError, match="at most 8,000"):
+        assistant.turn([], "x" * 8001)
+    with pytest.raises(InputError, match="不正确"):
+        assistant.turn({"role": "user"}, "你好")
+    with pytest.raises(InputError, match="message 2 is longer"):
+        assistant.turn([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y" * 9000}], "hi")
+
+
+def test_an_answer_is_cut_off_at_the_time_limit(engine):
+    import time as clock
+
+    calls = []
+    original = engine.model.forward
+
+    def slowly(*args, **kwargs):  # 50 ms a token, so a 10 ms limit ends generation within a token or two
+        calls.append(1)
+        clock.sleep(0.05)
+        return original(*args, **kwargs)
+
+    engine.model.forward = slowly
+    Assistant(engine, ChatConfig(max_new_tokens=40, context_tokens=512)).ask("hello")
+    unlimited, calls[:] = len(calls), []
+    Assistant(engine, ChatConfig(max_new_tokens=40, context_tokens=512, time_limit=0.01)).ask("hello")
+    assert unlimited > 5 and len(calls) <= 3, (unlimited, len(calls))
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="temperature"):
         ChatConfig(temperature=-1)
