@@ -10,7 +10,9 @@ web app both drive it.
 How a turn is answered (`Answer.mode`):
 - "refused": a harmful request (see chatbot.safety); a fixed reply in the user's language.
 - "chat": small talk, or any message when there is no knowledge base: the model answers from itself.
-- "not_covered": a knowledge base exists but no passage is relevant: a fixed reply, nothing invented.
+- "chat" also when a knowledge base is open but does not cover the question, or the message asks for a task
+  (chatbot.routing): the model's own answer after a line that says it is not from the documents.
+- "not_covered": the same, with --on-not-covered decline: a fixed reply, nothing invented.
 - "grounded": the model answers from the passages; its citations are checked and completed.
 - "extractive": the most relevant sentences quoted with citations, when the model cannot write the user's
   language (its ModelProfile), or when a grounded answer turned out to cite nothing.
@@ -35,8 +37,12 @@ from chatbot.grounding import Grounding, cite, cited_numbers, extractive_answer,
 from chatbot.intent import classify
 from chatbot.prompts import (
     BAD_HISTORY,
+    CANNOT_WRITE,
     EMPTY_MESSAGE,
     NOT_COVERED,
+    NOT_FOUND,
+    NOT_IN_DOCUMENTS,
+    OWN_ANSWER,
     REFUSAL,
     SELF_HARM,
     SMALL_TALK,
@@ -44,6 +50,7 @@ from chatbot.prompts import (
     localized,
     user_turn,
 )
+from chatbot.routing import decide
 from chatbot.safety import SafetyGuard
 from common.language import detect_language
 from knowledge.retriever import Retriever
@@ -209,9 +216,13 @@ class Assistant:
             return Turn(language, "chat", self._generate(plain), messages=plain, started=started)
         grounding = ground(self.retriever, history, question, language, self.config.min_relevance,
                            self.config.passages)
-        if not grounding.passages:
+        route = decide(question, grounding.hits, self.retriever.lexical, self.config.min_relevance)
+        if route.kind == "chat" and self.config.on_not_covered == "decline":
             return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding,
                         messages=plain, started=started)
+        if route.kind == "chat":
+            return self._own_answer(history, question, language, OWN_ANSWER if route.reason == "task" else NOT_FOUND,
+                                    started)
         messages = self._messages(history, user_turn(question, language, grounding.passages))
 
         def quotes() -> str:
@@ -228,6 +239,26 @@ class Assistant:
             return (cited_text, "grounded") if cited else (quotes(), "extractive")
 
         return Turn(language, "grounded", self._generate(messages), grounding, finish, messages, started)
+
+    def _own_answer(self, history: Sequence[Message], question: str, language: str, label: dict[str, str],
+                    started: float) -> Turn:
+        """The model's own answer while a knowledge base is open, after a line saying it is not from the documents.
+        In a language the model cannot write (its profile), nothing it wrote would help: the reply says so and how
+        to get an answer, rather than show its garbled words or unrelated quotes."""
+        messages = self._messages(history, user_turn(question, language))
+        head = localized(label, language)
+        if not self.engine.profile.writes(language, grounded=False):
+            text = localized(CANNOT_WRITE, language)
+            if label is NOT_FOUND:
+                text = f"{localized(NOT_IN_DOCUMENTS, language)}\n{text}"
+            return Turn(language, "chat", _fixed(text), messages=messages, started=started)
+        generate = self._generate(messages)
+
+        def produce(stop: threading.Event) -> Iterator[str]:
+            yield head + "\n\n"
+            yield from generate(stop)
+
+        return Turn(language, "chat", produce, messages=messages, started=started)
 
     def _sentence_scorer(self, language: str, query: str) -> Callable[[str, list[str]], list[float]]:
         """How well sentences answer a question: IDF-weighted term overlap, plus the embedder's cosine

@@ -59,6 +59,10 @@ class ChatConfig:
     safety_model: str | None = field(default=None, metadata={
         "help": "Hub id or folder of a guard classifier (text-classification, safe/unsafe labels) consulted besides "
                 "the built-in bilingual safety patterns (chatbot.safety)"})
+    on_not_covered: str = field(default="answer", metadata={
+        "choices": ("answer", "decline"),
+        "help": "when the documents do not cover a question: 'answer' with the model's own words, labelled as not "
+                "from the documents (the default), or 'decline' to answer only from documents"})
     dense_languages: str = field(default=DENSE_LANGUAGES, metadata={
         "help": "comma-separated question languages the embedder handles ('*' = all; set it for a multilingual "
                 f"--embedding-model; default {DENSE_LANGUAGES}, for the bundled English MiniLM)"})
@@ -72,6 +76,8 @@ class ChatConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_input_chars < 1 or self.max_history_messages < 0 or self.time_limit <= 0:
             raise ValueError("max_input_chars and time_limit must be positive, max_history_messages >= 0")
+        if self.on_not_covered not in ("answer", "decline"):
+            raise ValueError(f"on_not_covered must be 'answer' or 'decline', got {self.on_not_covered!r}")
         if self.passages < 1:
             raise ValueError(f"passages must be at least 1, got {self.passages}")
         if not 0 <= self.min_relevance <= 1:

@@ -18,29 +18,52 @@ from dataclasses import dataclass
 
 from chatbot.chat_format import Message, message_text
 from chatbot.prompts import EXTRACTIVE_INTRO, Passage, localized
+from common.language import HAN
 from knowledge.chunking import join_sentences, split_sentences
 from knowledge.lexical import tokenize
 from knowledge.retriever import Hit, Retriever
 
-_FOLLOW_UP = re.compile(
-    r"^\s*(and|but|also|what about|how about)\b"
-    r"|\b(it|its|it's|they|them|their|these|those|the former|the latter)\b"
-    r"|^(那|那么|还有|而且?|另外|此外)|它|这种|这个|那个|上述|前者|后者",
-    re.IGNORECASE)
+_LEADING = re.compile(r"^\s*(and|but|also|what about|how about)\b|^\s*(那|那么|还有|而且?|另外|此外)", re.IGNORECASE)
+# "What is dropout and why does it help?" names its subject before the pronoun; "How does it work?" does not.
+_NAMES_SUBJECT = re.compile(r"^\s*(what|who|which|how|why|when|where)\s+(is|are|was|were|does|do|did)\s+"
+                            r"(?!(it|its|it's|they|them|their|these|those|this|that|the)\b)\w", re.IGNORECASE)
+_PRONOUN = re.compile(r"\b(it|its|it's|they|them|their|these|those|the former|the latter)\b"
+                      r"|它|这种|这个|那个|上述|前者|后者", re.IGNORECASE)
 INJECTION_REMOVED = "(An instruction addressed to the assistant was removed from this passage.)"
-# Instructions planted in documents (prompt injection): addressed to "the assistant", not facts about a topic.
+# Instructions planted in documents (prompt injection): a sentence that addresses an AI reading the page, or that
+# tries to override the assistant's instructions. A sentence that only *quotes* such an instruction to explain it
+# ('a line such as "ignore your previous instructions"') is judged without its quotations.
+_AI = r"(ai|a\.i\.|assistant|chatbot|bot|language model|llm|gpt|model)s?"
 _INJECTION = [re.compile(pattern, re.IGNORECASE) for pattern in (
-    r"\b(ignore|disregard|forget)\b.{0,30}\b(previous|prior|above|earlier|all|your)\b.{0,20}"
-    r"\b(instructions?|prompts?|rules?|directions?)",
-    r"\b(you are now|from now on,? you|new instructions?:|system prompt|developer mode)\b",
+    rf"\b(note to|attention|dear|to any|hey|if you are an?|when an?|instructions? for)\s+(the\s+)?{_AI}\b",
+    rf"\b{_AI}\b[^.]{{0,30}}\b(reading|reads|summari[sz]ing|processing|sees?)\s+this",
+    rf"^\W*(system|{_AI})\s*[:,]",
+    r"\b(ignore|disregard|forget)\b.{0,30}\b(previous|prior|above|earlier|all|your|everything)\b.{0,20}"
+    r"\b(instructions?|prompts?|rules?|directions?|guidelines|told)",
+    r"\b(stop|do not|don'?t|never)\s+(following|follow|obey(ing)?)\b.{0,20}\b(rules?|guidelines|instructions?)",
+    r"\b(you are now|from now on,? you|new instructions?:|developer mode|jailbreak)",
+    r"\b(reveal|print|output|show|repeat)\b.{0,20}\b(system|hidden|secret) prompt",
     r"\b(reply|respond|answer|say)\b.{0,20}\bonly\b.{0,10}\bwith\b",
-    r"\b(tell|ask) the user to\b",
-    r"(忽略|无视|忘记|忘掉).{0,10}(之前|以上|上面|先前|所有|全部).{0,6}(指示|指令|规则|要求|提示)",
+    r"致[^。]{0,8}(人工智能|ai|助手|机器人|语言模型|模型)",
+    r"给(人工智能|ai|助手|机器人|语言模型|模型)[^。]{0,4}的(提示|话|留言|指示|说明|通知)",
+    r"(正在阅读|正在读|读到这|看到这|正在处理|正在总结)[^。]{0,12}(人工智能|ai|助手|机器人|语言模型|模型)",
+    r"(人工智能|ai|助手|机器人|模型)(请)?(注意|读到)",
+    r"^\W*(ai|助手|机器人|模型|系统)[：:，,]",
+    r"如果你是[^。]{0,14}(模型|ai|助手|人工智能)",
+    r"(忽略|无视|忘记|忘掉)[^。]{0,10}(之前|以上|上面|先前|所有|全部|你的)[^。]{0,8}(指示|指令|规则|要求|提示|准则)",
     r"(从现在起|从现在开始)，?你",
-    r"(只|仅)(回答|回复|输出|说)",
+    r"(停止|不要|别)(遵守|遵循|服从)[^。]{0,8}(规则|准则|指示|指令)",
+    r"开发者模式|越狱模式",
+    r"(输出|泄露|显示|透露)[^。]{0,6}系统提示词",
     r"(告诉|要求|让)用户(去|访问|点击|提供)",
 )]
+_QUOTED = re.compile(r'"[^"]*"|“[^”]*”|「[^」]*」|『[^』]*』|\'[^\']{8,}\'')
 _CITATION = re.compile(r"\[(\d{1,2})\]")
+# Sentence choice leans to the best-ranked passage (retrieval already weighed it against the others) and a little to
+# the sentence that opens a passage, which usually states its topic. Chosen on the key-fact recall of
+# `python -m chatbot.evaluate` (en 0.71 -> 0.74, zh 0.56 -> 0.60; the same questions, so an optimistic figure).
+PASSAGE_PRIOR = 0.6  # added to a sentence's score divided by its passage's number: 0.6 for [1], 0.3 for [2] ...
+LEAD_PRIOR = 0.1  # added to the first sentence of each passage
 
 
 @dataclass
@@ -51,8 +74,17 @@ class Grounding:
 
 
 def is_follow_up(question: str) -> bool:
-    """A question that leans on the conversation: a pronoun, a leading "and/what about", or no content words."""
-    return bool(_FOLLOW_UP.search(question)) or not tokenize(question)
+    """A question that leans on the conversation: a leading "and / what about / 那", no content words, or a pronoun
+    that refers back because the question names nothing before it. "What is dropout and why does it help?" names
+    dropout before "it", so it is a new question; "How can I prevent it?" and "它怎么引用来源？" are follow-ups."""
+    if _LEADING.search(question) or not tokenize(question):
+        return True
+    pronoun = _PRONOUN.search(question)
+    if not pronoun:
+        return False
+    if HAN.match(pronoun.group(0)):  # 它 / 这种 ...: a new question names its topic before the pronoun
+        return not tokenize(question[:pronoun.start()])
+    return not _NAMES_SUBJECT.match(question)
 
 
 def retrieval_query(history: Sequence[Message], question: str) -> str:
@@ -78,8 +110,12 @@ def ground(retriever: Retriever, history: Sequence[Message], question: str, lang
 
 
 def looks_like_injection(sentence: str) -> bool:
-    """Whether a sentence from a document tries to instruct the assistant rather than inform the reader."""
-    return any(pattern.search(sentence) for pattern in _INJECTION)
+    """Whether a sentence from a document tries to instruct the assistant rather than inform the reader. Quoted
+    text is left out when the sentence says something of its own around it; a sentence that is all quotation is
+    judged whole."""
+    own = _QUOTED.sub(" ", sentence)
+    judged = own if len(tokenize(own)) >= 3 else sentence
+    return any(pattern.search(judged) for pattern in _INJECTION)
 
 
 def defuse(text: str) -> str:
@@ -108,6 +144,8 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
     candidates = [(passage.number, position, sentence) for passage in passages
                   for position, sentence in enumerate(split_sentences(passage.text)) if sentence != INJECTION_REMOVED]
     ratings = score(question, [sentence for _, _, sentence in candidates]) if candidates else []
+    ratings = [r + PASSAGE_PRIOR / number + (LEAD_PRIOR if position == 0 else 0.0)
+               for r, (number, position, _) in zip(ratings, candidates, strict=True)]
     # Ties go to the better passage and then to the earlier sentence, which usually defines the topic.
     ranked = sorted(zip(ratings, candidates, strict=True), key=lambda rc: (-rc[0], rc[1][0], rc[1][1]))
     best = ranked[0][0] if ranked else 0.0

@@ -39,6 +39,25 @@ SELF_HARM = {
           "you trust, or call your local emergency number or a suicide prevention hotline right now.",
     "zh": "听到你这样说我很难过。你不必独自面对：请联系你信任的人，或立即拨打当地的急救电话或心理援助热线。",
 }
+# Answers the model writes by itself while a knowledge base is open say so: the question was not found in the
+# documents, or it asked for a task (writing, translating, arithmetic ...) rather than for their facts.
+NOT_FOUND = {
+    "en": "Not found in your documents; the model's own answer:",
+    "zh": "文档中没有找到相关内容，以下是模型自己的回答：",
+}
+NOT_IN_DOCUMENTS = {"en": "Not found in your documents.", "zh": "文档中没有找到相关内容。"}
+OWN_ANSWER = {
+    "en": "The model's own answer, not from your documents:",
+    "zh": "以下是模型自己的回答，不是来自文档：",
+}
+# When the model cannot write the user's language (SmolLM2-135M and Chinese: asked in Chinese, it echoes the question
+# or writes nonsense, even when told to answer in English), the reply says so and how to get an answer.
+CANNOT_WRITE = {
+    "en": "(The built-in model cannot write this language well enough to answer. Ask in English, or choose a "
+          "multilingual model with --model.)",
+    "zh": "（内置的小模型（SmolLM2-135M）写不出可用的中文，所以这里不显示它的回答。"
+          "可以改用英文提问，或用 --model 选择一个双语模型，例如 Qwen/Qwen2.5-0.5B-Instruct。）",
+}
 # For small talk in a language the model cannot write.
 SMALL_TALK = {
     "en": "Hello! I answer questions from the documents in my knowledge base and cite the passages I use. "

@@ -23,7 +23,9 @@ A file holds one dialogue (`turns`) or several (`dialogues: [{name, turns}]`):
 Expectations: contains / not_contains (text or list; case-insensitive), contains_any (list), regex (text or
 list), language (en/zh), cites (source names that must be among the turn's sources), no_sources (true),
 refusal (true), mode (chat/grounded/extractive/not_covered/refused), max_latency_s, similar_to (text, or
-{text, threshold}: cosine similarity with the bundled embedder, default threshold 0.6), comment (ignored).
+{text, threshold}: cosine similarity with the bundled embedder, default threshold 0.6), error (text the refusal of
+a request must contain, e.g. for a message over `max_input_chars`; a turn that errs without it fails),
+comment (ignored). Settings may also give `on_not_covered` and `max_input_chars`.
 Unknown keys are errors reported with file and line. The exit status is 1 when any turn fails. With --url the
 app's own model and knowledge base answer: dialogues whose settings name another index are skipped.
 """
@@ -45,10 +47,12 @@ from common.paths import chatbot_home
 
 FILE_KEYS = {"name", "settings", "turns", "dialogues", "comment"}
 DIALOGUE_KEYS = {"name", "turns", "settings", "comment"}
-SETTING_KEYS = {"model", "index", "seed", "temperature", "max_new_tokens"}
+SETTING_KEYS = {"model", "index", "seed", "temperature", "max_new_tokens", "on_not_covered", "max_input_chars"}
+# Settings of the assistant itself: a running app has its own, so dialogues that set them run in-process only.
+APP_SETTINGS = ("on_not_covered", "max_input_chars")
 TURN_KEYS = {"user", "expect", "comment"}
 EXPECT_KEYS = {"contains", "contains_any", "not_contains", "regex", "language", "cites", "no_sources", "refusal",
-               "mode", "max_latency_s", "similar_to", "comment"}
+               "mode", "max_latency_s", "similar_to", "error", "comment"}
 DEFAULT_SIMILARITY = 0.6
 
 
@@ -172,6 +176,10 @@ def check(expect: dict[str, Any], reply: dict[str, Any], latency_s: float,
     """The expectations `reply` does not meet, each as a readable line."""
     text = reply["answer"]
     lower = text.lower()
+    if reply.get("error") or "error" in expect:
+        wanted = str(expect.get("error", ""))
+        if not wanted or wanted.lower() not in str(reply.get("error", "")).lower():
+            return [f"error {wanted!r} (got {reply.get('error')!r})"]
     sources = [s["source"] for s in reply.get("sources") or []]
     failures = []
     for needle in _as_list(expect.get("contains", [])):
@@ -252,7 +260,9 @@ class LocalBackend:
         from chatbot.engine import Engine
 
         config = ChatConfig(seed=int(settings.get("seed", 0)), temperature=float(settings.get("temperature", 0.0)),
-                            max_new_tokens=int(settings.get("max_new_tokens", 256)))
+                            max_new_tokens=int(settings.get("max_new_tokens", 256)),
+                            on_not_covered=str(settings.get("on_not_covered", "answer")),
+                            max_input_chars=int(settings.get("max_input_chars", ChatConfig.max_input_chars)))
         # --model wins, then the dialogue's own setting, then ChatConfig's default (CHATBOT_MODEL or the default).
         config.model = self.model or settings.get("model", config.model)
         if config.model not in self.engines:
@@ -282,9 +292,13 @@ def run_dialogue(dialogue: Dialogue, backend: LocalBackend | RemoteBackend, simi
     history: list[dict] = []
     results = []
     for turn in dialogue.turns:
-        reply, latency = backend.reply(dialogue, history, turn.user)
+        try:
+            reply, latency = backend.reply(dialogue, history, turn.user)
+        except Exception as err:  # a refused request (too long, malformed): its message is what `error` checks
+            reply, latency = {"answer": "", "sources": [], "error": str(err)}, 0.0
         results.append(TurnResult(turn, reply, latency, check(turn.expect, reply, latency, similarity)))
-        history += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": reply["answer"]}]
+        if not reply.get("error"):  # a refused request never enters the conversation, as in the app
+            history += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": reply["answer"]}]
     return results
 
 
@@ -350,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     similarity = similarity_function(local)
     outcomes, skipped = [], []
     for dialogue in dialogues:
-        if args.url and dialogue.settings.get("index", "default") != "default":
+        if args.url and (dialogue.settings.get("index", "default") != "default"
+                         or any(key in dialogue.settings for key in APP_SETTINGS)):
             # A running app answers from its own knowledge base; a dialogue made for another one cannot run there.
             skipped.append(dialogue)
-            print(f"SKIP  {dialogue.id:<60} needs index {dialogue.settings['index']!r}; the app at --url uses its own")
+            print(f"SKIP  {dialogue.id:<60} sets its own index or assistant settings; the app at --url uses its own")
             continue
         start = time.perf_counter()
         results = run_dialogue(dialogue, backend, similarity)

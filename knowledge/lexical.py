@@ -60,7 +60,8 @@ def tokenize(text: str) -> list[str]:
     hyphens and reduced to the singular."""
     terms: list[str] = []
     for word in words(text, search=True):
-        terms += [word] if HAN.match(word) else _latin_terms(word)
+        if word not in STOPWORDS:  # before stemming too: "does" would become the term "doe"
+            terms += [word] if HAN.match(word) else _latin_terms(word)
     return [t for t in terms if t not in STOPWORDS]
 
 

@@ -77,7 +77,8 @@ def test_chat_endpoint_returns_cited_sources(served_with_index):
     assert result["sources"][0]["source"] == "zh/困惑度.md"
     assert result["sources"][0]["text"].startswith("困惑度等于")
     covered = served_with_index.predict("明天北京的天气怎么样？", [], api_name="/chat")
-    assert covered["mode"] == "not_covered" and covered["sources"] == []
+    assert covered["mode"] == "chat" and covered["sources"] == [], "not covered: the model's own (labelled) answer"
+    assert covered["answer"].startswith("文档中没有找到相关内容")
 
 
 def test_chat_endpoint_rejects_empty_message(served):

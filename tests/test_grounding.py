@@ -10,9 +10,19 @@ import pytest
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
 from chatbot.engine import Engine
-from chatbot.grounding import cite, extractive_answer, retrieval_query
+from chatbot.grounding import cite, extractive_answer, is_follow_up, retrieval_query
 from chatbot.models import ModelProfile
-from chatbot.prompts import NOT_COVERED, REFUSAL, SMALL_TALK, Passage, user_turn
+from chatbot.prompts import (
+    CANNOT_WRITE,
+    NOT_COVERED,
+    NOT_FOUND,
+    NOT_IN_DOCUMENTS,
+    OWN_ANSWER,
+    REFUSAL,
+    SMALL_TALK,
+    Passage,
+    user_turn,
+)
 from knowledge.retriever import Retriever
 from knowledge.store import KnowledgeBase
 from tests.docs import write_docs
@@ -31,6 +41,15 @@ def test_follow_ups_are_searched_with_the_previous_question():
     zh = [{"role": "user", "content": "什么是LoRA？"}, {"role": "assistant", "content": "..."}]
     assert retrieval_query(zh, "那它的缺点呢？") == "什么是LoRA？ 那它的缺点呢？"
     assert retrieval_query([], "And its disadvantages?") == "And its disadvantages?"
+
+
+@pytest.mark.parametrize("question, follows", [
+    ("What is dropout and why does it help?", False), ("LoRA和它的变体有哪些？", False), ("What is LoRA?", False),
+    ("How can I prevent it?", True), ("How does it work?", True), ("What are its main limitations?", True),
+    ("And what are its disadvantages?", True), ("它怎么引用来源？", True), ("那它的秩怎么选？", True),
+])
+def test_a_question_that_names_its_topic_is_not_a_follow_up(question, follows):
+    assert is_follow_up(question) == follows
 
 
 def test_cite_keeps_valid_markers_drops_invented_ones_and_adds_missing_ones():
@@ -69,11 +88,33 @@ def assert_citations_match_sources(answer):
     assert numbers and numbers == {s["number"] for s in answer.sources}
 
 
-def test_not_covered_in_the_users_language(tokenizer, index, embedder):
+def test_not_covered_questions_get_the_models_own_answer_labelled(tokenizer, index, embedder):
     assistant = make_assistant(tokenizer, index, embedder, ModelProfile())
+    for question, language in (("Who won the football world cup in 2010?", "en"), ("明天北京的天气怎么样？", "zh")):
+        turn = assistant.turn([], question)
+        streamed = "".join(turn.stream())
+        answer = turn.answer()
+        assert (answer.mode, answer.sources) == ("chat", [])
+        assert streamed.startswith(NOT_FOUND[language] + "\n\n") and answer.text == streamed.strip()
+        assert "Passages from the knowledge base" not in turn.messages[-1]["content"], "the model answers by itself"
+
+
+def test_decline_keeps_the_strict_reply(tokenizer, index, embedder):
+    assistant = make_assistant(tokenizer, index, embedder, ModelProfile())
+    assistant.config.on_not_covered = "decline"
     for question, language in (("Who won the football world cup in 2010?", "en"), ("明天北京的天气怎么样？", "zh")):
         answer = assistant.ask(question)
         assert (answer.mode, answer.text, answer.sources) == ("not_covered", NOT_COVERED[language], [])
+
+
+def test_tasks_go_to_the_model_and_a_language_it_cannot_write_is_said_so(tokenizer, index, embedder):
+    assistant = make_assistant(tokenizer, index, embedder, ModelProfile(chat=("en",), grounded=()))
+    answer = assistant.ask("Translate 'perplexity' into French.")
+    assert answer.mode == "chat" and answer.sources == [] and answer.text.startswith(OWN_ANSWER["en"])
+    chinese = assistant.ask("把“困惑度”翻译成英文。")  # a task that names a document's topic
+    assert (chinese.mode, chinese.text, chinese.sources) == ("chat", CANNOT_WRITE["zh"], [])
+    not_found = assistant.ask("明天北京的天气怎么样？")
+    assert not_found.text == f"{NOT_IN_DOCUMENTS['zh']}\n{CANNOT_WRITE['zh']}"
 
 
 def test_extractive_answer_when_the_model_cannot_write_the_language(tokenizer, index, embedder):

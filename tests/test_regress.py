@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,8 @@ def test_the_project_dialogues_pass_against_a_running_app(tmp_path):
         result = run("tests/dialogues", "--url", f"http://127.0.0.1:{port}/")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "SKIP  injection.yaml" in result.stdout, "dialogues made for other indexes cannot run there"
-        assert "0 dialogues passed" not in result.stdout
+        passed = re.search(r"^(\d+) of (\d+) dialogues passed", result.stdout, re.MULTILINE)
+        assert passed and passed.group(1) == passed.group(2) and int(passed.group(1)) >= 30, result.stdout
     finally:
         process.terminate()
         process.wait(timeout=30)
