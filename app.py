@@ -80,6 +80,15 @@ class ChatApp:
         except (ValueError, PromptTooLongError) as err:
             raise gr.Error(str(err)) from err
 
+    def validate(self, message: str, messages: list[dict] | None) -> tuple[dict, dict]:
+        """Run before `respond`, outside the queue: an over-long message is refused at once, even while another
+        visitor's answer holds the model."""
+        try:
+            check_input(messages or [], message or " ", self.assistant.config)
+        except ValueError as err:
+            return gr.validate(False, str(err)), gr.validate(True, "")
+        return gr.validate(True, ""), gr.validate(True, "")
+
     def respond(self, message: str, messages: list[dict] | None, request: gr.Request
                 ) -> Iterator[tuple[str, list[dict]]]:
         """UI handler: stream the reply into the chat, then show its sources; clears the textbox."""
@@ -208,7 +217,7 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None) -> gr.B
         # sees an index half-way through an update.
         for trigger in (textbox.submit, send.click):
             trigger(app.respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",
-                    concurrency_id="model")
+                    concurrency_id="model", validator=app.validate)
         chatbot.like(app.rate, comment, [comment, rated], api_visibility="private", queue=False)
         stop.click(app.stop, None, None, queue=False, api_visibility="private")
         clear.click(app.forget, None, None, queue=False, api_visibility="private")

@@ -128,3 +128,11 @@ def test_upload_a_document_then_ask_about_it(page, tmp_path):
     page.get_by_role("tab", name="Chat · 聊天").click()
     ask(page, "How many hours of sunlight do tomatoes need?")
     page.get_by_text("six hours of direct sunlight", exact=False).first.wait_for()
+
+
+def test_an_over_long_message_is_refused_in_the_page_and_never_answered(page):
+    ask(page, "长" * 9000)
+    page.get_by_text("消息太长：共 9,000 个字符", exact=False).first.wait_for(timeout=10_000)
+    assert page.locator("[data-testid=bot]").count() == 0, "the validator stops it before the model is asked"
+    ask(page, "困惑度怎么计算？")  # and the page goes on working
+    page.get_by_text("Sources · 来源").first.wait_for()
