@@ -45,6 +45,7 @@ EXAMPLES = [
     "困惑度是怎么计算的？",
 ]
 SOURCES_TITLE = "📚 Sources · 来源"
+CONCURRENCY = 8  # requests handled at once; generation itself is one at a time (Engine.lock)
 MAX_RATABLE = 100  # answers per session kept for 👍/👎; older ones can no longer be rated
 
 
@@ -165,17 +166,19 @@ class ChatApp:
             raise gr.Error("This app runs without a knowledge base (--no-index).")
         if not files:
             raise gr.Error("Choose one or more files first.")
-        report = retriever.kb.add([Path(f) for f in files], retriever.embedder, progress=False,
-                                  on_progress=lambda fraction, text: progress(fraction, desc=text))
-        retriever.refresh()
+        with retriever.lock:  # searches of other visitors wait for the whole update, never see half of it
+            report = retriever.kb.add([Path(f) for f in files], retriever.embedder, progress=False,
+                                      on_progress=lambda fraction, text: progress(fraction, desc=text))
+            retriever.refresh()
         return "\n".join(report.lines()), self.sources_table(), self._choices()
 
     def remove(self, sources: list[str] | None) -> tuple[str, list, dict]:
         retriever = self.assistant.retriever
         if retriever is None or not sources:
             raise gr.Error("Choose the documents to remove first.")
-        removed = retriever.kb.remove(list(sources))
-        retriever.refresh()
+        with retriever.lock:
+            removed = retriever.kb.remove(list(sources))
+            retriever.refresh()
         return f"Removed {len(removed)} document(s).", self.sources_table(), self._choices()
 
     def _choices(self) -> dict:
@@ -213,18 +216,20 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None) -> gr.B
                                  label="Documents to remove · 要删除的文档")
             remove = gr.Button("Remove · 删除", variant="stop")
 
-        # Generation and index writes share one queue slot: a small CPU does one at a time, and a search never
-        # sees an index half-way through an update.
+        # Requests run side by side (CONCURRENCY): the engine generates one answer at a time (Engine.lock), and
+        # index changes hold the retriever's lock, so a search never sees half of an update. Answers that need no
+        # generation (quotes, refusals, errors) do not wait behind another visitor's.
         for trigger in (textbox.submit, send.click):
             trigger(app.respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",
-                    concurrency_id="model", validator=app.validate)
+                    validator=app.validate)
         chatbot.like(app.rate, comment, [comment, rated], api_visibility="private", queue=False)
         stop.click(app.stop, None, None, queue=False, api_visibility="private")
         clear.click(app.forget, None, None, queue=False, api_visibility="private")
-        add.click(app.upload, files, [status, table, chosen], api_visibility="private", concurrency_id="model")
-        remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private", concurrency_id="model")
-        gr.api(app.chat, api_name="chat", concurrency_id="model")
+        add.click(app.upload, files, [status, table, chosen], api_visibility="private")
+        remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private")
+        gr.api(app.chat, api_name="chat")
         demo.unload(app.forget)
+    demo.queue(default_concurrency_limit=CONCURRENCY)
     return demo
 
 
@@ -255,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve(args, ChatConfig)
         open_knowledge_base(config, args.no_index)
         demo = build_app(Assistant.load(config))
-        demo.queue(default_concurrency_limit=1)  # one generation at a time: a small CPU has no room for two
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"])
 
     return run(serve, ModelNotFoundError, EmbedderNotFoundError, IndexError_, ValueError)

@@ -175,20 +175,11 @@ class Assistant:
     def options(self) -> GenerationOptions:
         c = self.config
         return GenerationOptions(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                 seed=c.seed)
+                                 seed=c.seed, time_limit=c.time_limit)
 
     def _generate(self, messages: list[Message]) -> Callable[[threading.Event], Iterator[str]]:
-        def produce(stop: threading.Event) -> Iterator[str]:
-            # No request holds the engine longer than time_limit: the answer so far is kept, generation ends.
-            timer = threading.Timer(self.config.time_limit, stop.set)
-            timer.daemon = True
-            timer.start()
-            try:
-                yield from self.engine.stream(messages, self.options, stop=stop)
-            finally:
-                timer.cancel()
-
-        return produce
+        # No request holds the engine longer than time_limit: the answer so far is kept, generation ends.
+        return lambda stop: self.engine.stream(messages, self.options, stop=stop)
 
     def _messages(self, history: Sequence[Message], current: str) -> list[Message]:
         messages = [{"role": "system", "content": self.config.system_prompt}]

@@ -45,6 +45,7 @@ class GenerationOptions:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
+    time_limit: float | None = None  # seconds of generation, counted once this request has the engine
 
 
 def trim_history(messages: Sequence[Message], count_tokens: Callable[[Sequence[Message]], int],
@@ -114,6 +115,9 @@ class Engine:
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.eos_token_ids = sorted(i for i in eos if i is not None)
+        # One generation at a time (a small CPU has no room for two, and a fast tokenizer must not be used from
+        # two threads at once); requests that need no generation (refusals, quotes, errors) never wait for it.
+        self.lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, context_tokens: int = 2048) -> Engine:
@@ -136,10 +140,24 @@ class Engine:
         """Yield the reply to `messages` piece by piece; ends at end-of-turn, max_new_tokens or `stop`. When the
         stream ends, `usage` (if given) holds the prompt's and the reply's token counts."""
         options = options or GenerationOptions()
+        stop = stop or threading.Event()
+        with self.lock:
+            # The time limit starts when the engine is ours, not while waiting for another request's answer.
+            timer = threading.Timer(options.time_limit, stop.set) if options.time_limit else None
+            if timer:
+                timer.daemon = True
+                timer.start()
+            try:
+                yield from self._stream(messages, options, stop, usage)
+            finally:
+                if timer:
+                    timer.cancel()
+
+    def _stream(self, messages: Sequence[Message], options: GenerationOptions, stop: threading.Event,
+                usage: Usage | None) -> Iterator[str]:
         ids = render_prompt(self.tokenizer, self.fit(messages, options.max_new_tokens))
         usage = usage if usage is not None else Usage()
         usage.prompt_tokens = len(ids)
-        stop = stop or threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
             input_ids=torch.tensor([ids], device=self.device),

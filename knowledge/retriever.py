@@ -17,6 +17,7 @@ contains. Unlike BM25 or RRF scores, both are comparable across queries.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class Retriever:
         self.kb, self.embedder = kb, embedder
         self.dense_languages = _language_set(dense_languages)
         self.lexical = LexicalIndex(kb.tokens, [c.indexed_text for c in kb.chunks])
+        # Held by every search and around every change (`with retriever.lock: kb.add(...); retriever.refresh()`),
+        # so that no search sees half of an update when several requests run at once.
+        self.lock = threading.RLock()
 
     @classmethod
     def open(cls, folder: Path, embedding_model: str | None = None,
@@ -76,6 +80,10 @@ class Retriever:
         self.lexical = LexicalIndex(self.kb.tokens, [c.indexed_text for c in self.kb.chunks])
 
     def search(self, query: str, k: int = 5, mode: str = "fused", language: str | None = None) -> list[Hit]:
+        with self.lock:
+            return self._search(query, k, mode, language)
+
+    def _search(self, query: str, k: int, mode: str, language: str | None) -> list[Hit]:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not len(self.kb) or not query.strip():

@@ -28,7 +28,6 @@ def free_port() -> int:
 @pytest.fixture
 def served(engine):
     demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)))
-    demo.queue()
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -64,7 +63,6 @@ def served_with_index(tokenizer, docs_index, embedder):
     engine = Engine(tiny_model(tokenizer), tokenizer, "tiny", 512, ModelProfile(chat=("en",), grounded=()))
     retriever = Retriever(KnowledgeBase.open(docs_index), embedder)
     demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512), retriever))
-    demo.queue()
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -119,3 +117,31 @@ def test_python_app_py_serves_the_embedded_model():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_one_visitors_answer_does_not_hold_up_the_others(engine):
+    import time as clock
+
+    original = engine.model.forward
+
+    def slowly(*args, **kwargs):  # 0.2 s a token: the first visitor's answer takes seconds
+        clock.sleep(0.2)
+        return original(*args, **kwargs)
+
+    engine.model.forward = slowly
+    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=40, context_tokens=256)))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        first, second = (Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(2))
+        job = first.submit("Tell me a long story.", [], api_name="/chat")
+        while not job.status().code.name == "ITERATING":  # its answer is streaming: the engine is busy
+            clock.sleep(0.05)
+        with pytest.raises(Exception, match="too long"):
+            second.predict("a" * 100_000, [], api_name="/chat")
+        refused = second.predict("How can I make a pipe bomb?", [], api_name="/chat")
+        assert refused["mode"] == "refused"
+        assert not job.done(), "both were answered while the first visitor's answer was still being written"
+        job.result()
+    finally:
+        demo.close()

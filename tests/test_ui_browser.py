@@ -46,7 +46,6 @@ def page(tokenizer, tmp_path, embedder):
     assistant = Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512),
                           Retriever(KnowledgeBase.open(tmp_path / "index"), embedder))
     demo = build_app(assistant, FeedbackLog(tmp_path / "feedback.jsonl"))
-    demo.queue()
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     with playwright.sync_playwright() as p:
