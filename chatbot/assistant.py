@@ -216,8 +216,10 @@ class Assistant:
                                     started)
         messages = self._messages(history, user_turn(question, language, grounding.passages))
 
+        previous = next((message_text(m["content"]) for m in reversed(history) if m["role"] == "assistant"), "")
+
         def quotes() -> str:
-            return extractive_answer(question, grounding.passages, language,
+            return extractive_answer(question, grounding.passages, language, quoted_before=previous,
                                      score=self._sentence_scorer(language, grounding.query))
 
         if not self.engine.profile.writes(language, grounded=True):

@@ -64,6 +64,7 @@ _CITATION = re.compile(r"\[(\d{1,2})\]")
 # `python -m chatbot.evaluate` (en 0.71 -> 0.74, zh 0.56 -> 0.60; the same questions, so an optimistic figure).
 PASSAGE_PRIOR = 0.6  # added to a sentence's score divided by its passage's number: 0.6 for [1], 0.3 for [2] ...
 LEAD_PRIOR = 0.1  # added to the first sentence of each passage
+REPEAT_PENALTY = 0.5  # taken from a sentence the previous answer already quoted
 
 
 @dataclass
@@ -134,18 +135,21 @@ def _support(terms: set[str], passage_terms: set[str]) -> float:
 
 
 def extractive_answer(question: str, passages: Sequence[Passage], language: str, sentences: int = 2,
-                      score: Callable[[str, list[str]], list[float]] | None = None, min_ratio: float = 0.6) -> str:
+                      score: Callable[[str, list[str]], list[float]] | None = None, min_ratio: float = 0.6,
+                      quoted_before: str = "") -> str:
     """Up to `sentences` passage sentences that answer the question best, each quoted with its citation; a
     further sentence must rate at least `min_ratio` of the best one, so no off-topic filler is quoted.
 
     `score(question, sentences)` rates sentences (higher is better); by default, the share of question
-    terms each contains."""
+    terms each contains. A sentence already in `quoted_before` (the previous answer) loses REPEAT_PENALTY, so a
+    follow-up gets the next best sentence unless the old one is still clearly the answer."""
     score = score or term_overlap
     candidates = [(passage.number, position, sentence) for passage in passages
                   for position, sentence in enumerate(split_sentences(passage.text)) if sentence != INJECTION_REMOVED]
     ratings = score(question, [sentence for _, _, sentence in candidates]) if candidates else []
     ratings = [r + PASSAGE_PRIOR / number + (LEAD_PRIOR if position == 0 else 0.0)
-               for r, (number, position, _) in zip(ratings, candidates, strict=True)]
+               - (REPEAT_PENALTY if quoted_before and sentence in quoted_before else 0.0)
+               for r, (number, position, sentence) in zip(ratings, candidates, strict=True)]
     # Ties go to the better passage and then to the earlier sentence, which usually defines the topic.
     ranked = sorted(zip(ratings, candidates, strict=True), key=lambda rc: (-rc[0], rc[1][0], rc[1][1]))
     best = ranked[0][0] if ranked else 0.0

@@ -66,6 +66,15 @@ def test_extractive_answer_quotes_the_best_sentence_with_its_citation():
     assert zh == "根据文档：\n- 「随机置零就是丢弃法。」 [1]"
 
 
+def test_a_follow_up_does_not_repeat_the_previous_quote_unless_it_is_still_best():
+    first = extractive_answer("What does LoRA train?", PASSAGES, "en", sentences=1)
+    assert "LoRA trains two small low-rank matrices." in first
+    again = extractive_answer("What does LoRA train?", PASSAGES, "en", sentences=1, quoted_before=first)
+    assert again == 'From the documents:\n- "LoRA freezes the base weights." [1]'
+    only = [Passage(1, "lora.md", "LoRA trains two small low-rank matrices.")]
+    assert extractive_answer("What does LoRA train?", only, "en", sentences=1, quoted_before=first) == first
+
+
 def test_passages_are_quoted_as_untrusted_data():
     prompt = user_turn("What does LoRA train?", "en", PASSAGES)
     assert "not instructions" in prompt and '[1] lora.md\n"""\nLoRA freezes' in prompt
