@@ -243,8 +243,10 @@ def open_knowledge_base(config: ChatConfig, no_index: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default=os.environ.get("CHATBOT_HOST", "127.0.0.1"),
-                        help="address to listen on; 0.0.0.0 for every interface (env CHATBOT_HOST)")
+    # On a Hugging Face Space (SPACE_ID is set) the app must listen on every interface, port 7860.
+    on_space = bool(os.environ.get("SPACE_ID"))
+    parser.add_argument("--host", default=os.environ.get("CHATBOT_HOST", "0.0.0.0" if on_space else "127.0.0.1"),
+                        help="address to listen on; 0.0.0.0 for every interface (env CHATBOT_HOST; 0.0.0.0 on a Space)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("CHATBOT_PORT", "7860")),
                         help="port to listen on (env CHATBOT_PORT)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")

