@@ -17,9 +17,11 @@ and a "Knowledge base" tab to upload, list and remove documents. From code:
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the app must work offline
@@ -49,6 +51,22 @@ CONCURRENCY = 8  # requests handled at once; generation itself is one at a time 
 MAX_RATABLE = 100  # answers per session kept for 👍/👎; older ones can no longer be rated
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who may change the shared knowledge base. Locally (127.0.0.1) everyone; on a deployment others can reach
+    (a Space, or any other host) only admins: Hugging Face users in CHATBOT_ADMINS (user1,user2) signed in with
+    OAuth on a Space, or whoever gives the secret CHATBOT_ADMIN_PASSWORD. With neither set there, nobody can."""
+    public: bool = False
+    password: str | None = None
+    admins: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_environment(cls, host: str) -> Access:
+        public = bool(os.environ.get("SPACE_ID")) or host not in ("127.0.0.1", "localhost", "::1")
+        admins = frozenset(name.strip() for name in os.environ.get("CHATBOT_ADMINS", "").split(",") if name.strip())
+        return cls(public, os.environ.get("CHATBOT_ADMIN_PASSWORD") or None, admins)
+
+
 def model_history(messages: list[dict] | None) -> list[dict]:
     """The conversation as the model should see it: user and assistant text, without the sources boxes."""
     return [{"role": m["role"], "content": message_text(m["content"])} for m in messages or []
@@ -68,8 +86,9 @@ class ChatApp:
     """The UI's callbacks. Turns in progress are kept by browser session so that Stop ends the right one, and
     finished answers (with the prompt behind them) so that a like or dislike can be logged with its context."""
 
-    def __init__(self, assistant: Assistant, feedback: FeedbackLog):
-        self.assistant, self.feedback_log = assistant, feedback
+    def __init__(self, assistant: Assistant, feedback: FeedbackLog, access: Access = Access()):
+        self.assistant, self.feedback_log, self.access = assistant, feedback, access
+        self.signed_in: set[str] = set()  # sessions that gave the admin password
         self.running: dict[str, Turn] = {}
         self.answers: dict[str, dict[int, dict]] = {}  # session → chat message index → what was answered
 
@@ -159,8 +178,29 @@ class ChatApp:
             return []
         return [[source, meta["chunks"], meta["added"]] for source, meta in sorted(retriever.kb.sources.items())]
 
-    def upload(self, files: list[str] | None, progress: gr.Progress = gr.Progress()  # noqa: B008 (Gradio's idiom)
+    def is_admin(self, request: gr.Request, profile: gr.OAuthProfile | None = None) -> bool:
+        if not self.access.public:
+            return True
+        signed_in = request is not None and request.session_hash in self.signed_in
+        return signed_in or (profile is not None and profile.username in self.access.admins)
+
+    def _require_admin(self, request: gr.Request, profile: gr.OAuthProfile | None) -> None:
+        # Checked here, on the server, so a direct HTTP call that bypasses the page is refused too.
+        if not self.is_admin(request, profile):
+            raise gr.Error("Only an admin can change the shared knowledge base · 只有管理员可以修改共享知识库")
+
+    def login(self, password: str, request: gr.Request) -> tuple[str, dict, dict, dict]:
+        """The admin password (CHATBOT_ADMIN_PASSWORD) unlocks uploads and removals for this browser session."""
+        if self.access.password and password and hmac.compare_digest(password, self.access.password):
+            self.signed_in.add(request.session_hash)
+            enabled = gr.update(interactive=True)
+            return "Signed in as admin · 已以管理员身份登录", enabled, enabled, enabled
+        return "Wrong password · 密码错误", gr.update(), gr.update(), gr.update()
+
+    def upload(self, files: list[str] | None, request: gr.Request, profile: gr.OAuthProfile | None = None,
+               progress: gr.Progress = gr.Progress()  # noqa: B008 (Gradio's idiom)
                ) -> tuple[str, list, dict]:
+        self._require_admin(request, profile)
         retriever = self.assistant.retriever
         if retriever is None:
             raise gr.Error("This app runs without a knowledge base (--no-index).")
@@ -172,7 +212,9 @@ class ChatApp:
             retriever.refresh()
         return "\n".join(report.lines()), self.sources_table(), self._choices()
 
-    def remove(self, sources: list[str] | None) -> tuple[str, list, dict]:
+    def remove(self, sources: list[str] | None, request: gr.Request, profile: gr.OAuthProfile | None = None
+               ) -> tuple[str, list, dict]:
+        self._require_admin(request, profile)
         retriever = self.assistant.retriever
         if retriever is None or not sources:
             raise gr.Error("Choose the documents to remove first.")
@@ -185,8 +227,8 @@ class ChatApp:
         return gr.update(choices=[row[0] for row in self.sources_table()], value=[])
 
 
-def build_app(assistant: Assistant, feedback: FeedbackLog | None = None) -> gr.Blocks:
-    app = ChatApp(assistant, feedback or FeedbackLog())
+def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access: Access = Access()) -> gr.Blocks:
+    app = ChatApp(assistant, feedback or FeedbackLog(), access)
     with gr.Blocks(title="Bilingual chatbot") as demo:
         index = assistant.retriever.kb.folder if assistant.retriever else None
         gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel `{assistant.engine.name}` · "
@@ -207,14 +249,27 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None) -> gr.B
                 clear = gr.ClearButton([chatbot, textbox], value="New conversation · 新对话", scale=2)
             gr.Examples(EXAMPLES, inputs=textbox, label="Examples · 示例")
         with gr.Tab("Knowledge base · 知识库", visible=index is not None):
+            editable = not access.public
+            if access.public:
+                gr.Markdown("Visitors see the documents; only an admin can add or remove them · "
+                            "访客可以查看文档，只有管理员可以添加或删除。")
+                with gr.Row(visible=bool(access.password)):
+                    password = gr.Textbox(type="password", show_label=False, scale=4,
+                                          placeholder="Admin password · 管理员密码")
+                    sign_in = gr.Button("Sign in · 登录", scale=1)
+                if access.admins and os.environ.get("SPACE_ID"):
+                    gr.LoginButton()
             files = gr.File(label="Upload documents · 上传文档", file_count="multiple",
-                            file_types=sorted(SUFFIXES))
-            add = gr.Button("Add to the knowledge base · 加入知识库", variant="primary")
+                            file_types=sorted(SUFFIXES), interactive=editable)
+            add = gr.Button("Add to the knowledge base · 加入知识库", variant="primary", interactive=editable)
             status = gr.Textbox(label="Status", interactive=False, lines=3)
             table = gr.Dataframe(app.sources_table(), headers=["source", "chunks", "added"], interactive=False)
             chosen = gr.Dropdown(choices=[row[0] for row in app.sources_table()], multiselect=True,
                                  label="Documents to remove · 要删除的文档")
-            remove = gr.Button("Remove · 删除", variant="stop")
+            remove = gr.Button("Remove · 删除", variant="stop", interactive=editable)
+            if access.public and access.password:
+                sign_in.click(app.login, password, [status, files, add, remove], api_visibility="private",
+                              queue=False)
 
         # Requests run side by side (CONCURRENCY): the engine generates one answer at a time (Engine.lock), and
         # index changes hold the retriever's lock, so a search never sees half of an update. Answers that need no
@@ -261,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     def serve() -> None:
         config = resolve(args, ChatConfig)
         open_knowledge_base(config, args.no_index)
-        demo = build_app(Assistant.load(config))
+        demo = build_app(Assistant.load(config), access=Access.from_environment(args.host))
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"])
 
     return run(serve, ModelNotFoundError, EmbedderNotFoundError, IndexError_, ValueError)
