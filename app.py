@@ -20,6 +20,8 @@ import argparse
 import hmac
 import os
 import sys
+import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,8 @@ EXAMPLES = [
 ]
 SOURCES_TITLE = "📚 Sources · 来源"
 CONCURRENCY = 8  # requests handled at once; generation itself is one at a time (Engine.lock)
+MAX_QUEUE = 64  # requests waiting beyond those; more get "busy, try again"
+PUBLIC_REQUESTS_PER_MINUTE = 20  # per session on a public deployment: a person types far fewer
 MAX_RATABLE = 100  # answers per session kept for 👍/👎; older ones can no longer be rated
 
 
@@ -59,12 +63,18 @@ class Access:
     public: bool = False
     password: str | None = None
     admins: frozenset[str] = frozenset()
+    # Abuse limits (OWASP LLM10); the per-minute limit applies on public deployments by default (see main).
+    requests_per_minute: int = 0  # per browser session or API client; 0 = no limit
+    max_upload_files: int = 10
+    max_upload_mb: float = 20.0
 
     @classmethod
-    def from_environment(cls, host: str) -> Access:
+    def from_environment(cls, host: str, requests_per_minute: int | None = None) -> Access:
         public = bool(os.environ.get("SPACE_ID")) or host not in ("127.0.0.1", "localhost", "::1")
         admins = frozenset(name.strip() for name in os.environ.get("CHATBOT_ADMINS", "").split(",") if name.strip())
-        return cls(public, os.environ.get("CHATBOT_ADMIN_PASSWORD") or None, admins)
+        if requests_per_minute is None:
+            requests_per_minute = PUBLIC_REQUESTS_PER_MINUTE if public else 0
+        return cls(public, os.environ.get("CHATBOT_ADMIN_PASSWORD") or None, admins, requests_per_minute)
 
 
 def model_history(messages: list[dict] | None) -> list[dict]:
@@ -89,8 +99,24 @@ class ChatApp:
     def __init__(self, assistant: Assistant, feedback: FeedbackLog, access: Access = Access()):
         self.assistant, self.feedback_log, self.access = assistant, feedback, access
         self.signed_in: set[str] = set()  # sessions that gave the admin password
+        self.recent: dict[str, deque[float]] = {}  # session → times of its latest requests
         self.running: dict[str, Turn] = {}
         self.answers: dict[str, dict[int, dict]] = {}  # session → chat message index → what was answered
+
+    def _count_request(self, session: str | None) -> None:
+        """Refuse a session's request beyond `requests_per_minute` in the last minute."""
+        limit = self.access.requests_per_minute
+        if not limit or session is None:
+            return
+        now = time.monotonic()
+        recent = self.recent.setdefault(session, deque())
+        while recent and now - recent[0] > 60:
+            recent.popleft()
+        if len(recent) >= limit:
+            wait = int(60 - (now - recent[0])) + 1
+            raise gr.Error(f"Too many messages: at most {limit} a minute. Try again in {wait} s · "
+                           f"消息太频繁：每分钟最多 {limit} 条，请 {wait} 秒后再试")
+        recent.append(now)
 
     def _turn(self, message: str, history: list[dict] | None) -> Turn:
         try:
@@ -115,6 +141,7 @@ class ChatApp:
         if not message or not message.strip():
             yield "", messages or []
             return
+        self._count_request(request.session_hash)
         turn = self._turn(message, messages)
         messages = [*(messages or []), {"role": "user", "content": message},
                     {"role": "assistant", "content": ""}]
@@ -159,11 +186,12 @@ class ChatApp:
         if turn is not None:
             turn.stop.set()
 
-    def chat(self, message: str, history: list[dict] | None = None) -> Iterator[dict]:
+    def chat(self, message: str, history: list[dict] | None = None, request: gr.Request = None) -> Iterator[dict]:
         """Answer `message` after the earlier `history` ([{"role", "content"}, ...]); streams partial answers.
 
         Each update is {"answer", "sources", "language", "mode", "timings", "query"}; the last one is complete,
         with the cited sources (source, heading, page, chunk_id, score, text)."""
+        self._count_request(request.session_hash if request else None)
         turn = self._turn(message, history)
         text = ""
         for piece in turn.stream():
@@ -206,11 +234,24 @@ class ChatApp:
             raise gr.Error("This app runs without a knowledge base (--no-index).")
         if not files:
             raise gr.Error("Choose one or more files first.")
+        self._check_upload(files)
         with retriever.lock:  # searches of other visitors wait for the whole update, never see half of it
             report = retriever.kb.add([Path(f) for f in files], retriever.embedder, progress=False,
                                       on_progress=lambda fraction, text: progress(fraction, desc=text))
             retriever.refresh()
         return "\n".join(report.lines()), self.sources_table(), self._choices()
+
+    def _check_upload(self, files: list[str]) -> None:
+        """Count, type and size, checked on the server before any file is read (the page's checks can be skipped)."""
+        limit = self.access.max_upload_files
+        if len(files) > limit:
+            raise gr.Error(f"At most {limit} files at a time · 每次最多上传 {limit} 个文件")
+        for file in map(Path, files):
+            if file.suffix.lower() not in SUFFIXES:
+                raise gr.Error(f"{file.name}: not a supported type ({', '.join(sorted(SUFFIXES))}) · "
+                               "不支持的文件类型")
+            if file.stat().st_size > self.access.max_upload_mb * 2**20:
+                raise gr.Error(f"{file.name} is larger than {self.access.max_upload_mb:g} MB · 文件超过大小上限")
 
     def remove(self, sources: list[str] | None, request: gr.Request, profile: gr.OAuthProfile | None = None
                ) -> tuple[str, list, dict]:
@@ -284,7 +325,8 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
         remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private")
         gr.api(app.chat, api_name="chat")
         demo.unload(app.forget)
-    demo.queue(default_concurrency_limit=CONCURRENCY)
+    # A bounded queue: past MAX_QUEUE waiting requests a visitor is told the app is busy instead of waiting forever.
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
     return demo
 
 
@@ -306,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port to listen on (env CHATBOT_PORT)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument("--no-index", action="store_true", help="chat without a knowledge base")
+    parser.add_argument("--requests-per-minute", type=int, default=None,
+                        help=f"messages per browser session or API client per minute (default: "
+                             f"{PUBLIC_REQUESTS_PER_MINUTE} on a Space or a non-loopback host, else no limit; "
+                             "0 = none)")
     add_arguments(parser, ChatConfig)
     return parser
 
@@ -316,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     def serve() -> None:
         config = resolve(args, ChatConfig)
         open_knowledge_base(config, args.no_index)
-        demo = build_app(Assistant.load(config), access=Access.from_environment(args.host))
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"])
+        access = Access.from_environment(args.host, args.requests_per_minute)
+        demo = build_app(Assistant.load(config), access=access)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],
+                    max_file_size=f"{access.max_upload_mb:g}mb")
 
     return run(serve, ModelNotFoundError, EmbedderNotFoundError, IndexError_, ValueError)
 

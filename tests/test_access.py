@@ -84,8 +84,10 @@ def test_locally_everyone_may_change_it(serve):
 def test_who_is_an_admin(monkeypatch):
     for variable in ("SPACE_ID", "CHATBOT_ADMINS", "CHATBOT_ADMIN_PASSWORD"):
         monkeypatch.delenv(variable, raising=False)
-    assert Access.from_environment("127.0.0.1") == Access(public=False)
-    assert Access.from_environment("0.0.0.0").public, "reachable by others: a visitor is not an admin"
+    assert Access.from_environment("127.0.0.1") == Access(public=False, requests_per_minute=0)
+    public = Access.from_environment("0.0.0.0")
+    assert public.public and public.requests_per_minute == 20, "reachable by others: limits and no admin"
+    assert Access.from_environment("0.0.0.0", requests_per_minute=0).requests_per_minute == 0
     monkeypatch.setenv("SPACE_ID", "someone/chatbot")
     monkeypatch.setenv("CHATBOT_ADMINS", "alice, bob")
     access = Access.from_environment("127.0.0.1")
@@ -94,3 +96,38 @@ def test_who_is_an_admin(monkeypatch):
     request = SimpleNamespace(session_hash="s")
     assert app.is_admin(request, SimpleNamespace(username="alice"))
     assert not app.is_admin(request, SimpleNamespace(username="mallory")) and not app.is_admin(request, None)
+
+
+def test_each_session_may_send_only_so_many_messages_a_minute(engine):
+    from gradio_client import Client
+
+    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256)),
+                     access=Access(requests_per_minute=2))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        first, second = (Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(2))
+        for _ in range(2):
+            assert first.predict("hello", [], api_name="/chat")["mode"] == "chat"
+        with pytest.raises(Exception, match="at most 2 a minute"):
+            first.predict("hello", [], api_name="/chat")
+        assert second.predict("hello", [], api_name="/chat")["mode"] == "chat", "another session is not limited"
+    finally:
+        demo.close()
+
+
+def test_uploads_are_limited_on_the_server(serve):
+    assistant, base, functions = serve(Access(max_upload_files=2, max_upload_mb=0.001))
+
+    def upload(*files: tuple[str, bytes]) -> dict:
+        paths = httpx.post(f"{base}/upload", files=[("files", f) for f in files]).json()
+        data = [{"path": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+                for path, (name, _) in zip(paths, files, strict=True)]
+        return call(base, functions["upload"], [data], "admin")
+
+    small = b"# Note\n\nShort."
+    assert "At most 2 files" in upload(("a.md", small), ("b.md", small), ("c.md", small))["output"]["error"]
+    refused = upload(("tool.exe", b"MZ"))["output"]["error"]  # Gradio's own check of file_types comes first
+    assert "Invalid file type" in refused or "not a supported type" in refused
+    assert "larger than 0.001 MB" in upload(("big.md", b"x" * 2000))["output"]["error"]
+    assert upload(("a.md", small))["success"] and "a.md" in assistant.retriever.kb.sources
