@@ -268,10 +268,24 @@ class ChatApp:
         return gr.update(choices=[row[0] for row in self.sources_table()], value=[])
 
 
+def on_gpu(function, max_new_tokens: int):
+    """On a ZeroGPU Space (SPACES_ZERO_GPU is set) `function` runs with a GPU attached for about the time
+    `max_new_tokens` need (@spaces.GPU; streaming generators are supported); anywhere else it is `function`."""
+    if not os.environ.get("SPACES_ZERO_GPU"):
+        return function
+    import spaces
+
+    return spaces.GPU(duration=10 + max_new_tokens // 20)(function)  # ~20 tokens/s at worst, plus set-up
+
+
 def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access: Access = Access()) -> gr.Blocks:
     app = ChatApp(assistant, feedback or FeedbackLog(), access)
+    respond, chat = (on_gpu(f, assistant.config.max_new_tokens) for f in (app.respond, app.chat))
     with gr.Blocks(title="Bilingual chatbot") as demo:
         index = assistant.retriever.kb.folder if assistant.retriever else None
+        if os.environ.get("SPACE_ID") and not os.environ.get("CHATBOT_HOME"):
+            gr.Markdown("⚠️ This Space has no persistent storage set (`CHATBOT_HOME`): uploaded documents and "
+                        "feedback are lost when it restarts · 未设置持久存储：重启后上传的文档和反馈会丢失。")
         gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel `{assistant.engine.name}` · "
                     + (f"knowledge base `{index}`" if index else "no knowledge base")
                     + ". Ask in English or Chinese; answers cite the documents they come from.")
@@ -316,14 +330,14 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
         # index changes hold the retriever's lock, so a search never sees half of an update. Answers that need no
         # generation (quotes, refusals, errors) do not wait behind another visitor's.
         for trigger in (textbox.submit, send.click):
-            trigger(app.respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",
+            trigger(respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",
                     validator=app.validate)
         chatbot.like(app.rate, comment, [comment, rated], api_visibility="private", queue=False)
         stop.click(app.stop, None, None, queue=False, api_visibility="private")
         clear.click(app.forget, None, None, queue=False, api_visibility="private")
         add.click(app.upload, files, [status, table, chosen], api_visibility="private")
         remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private")
-        gr.api(app.chat, api_name="chat")
+        gr.api(chat, api_name="chat")
         demo.unload(app.forget)
     # A bounded queue: past MAX_QUEUE waiting requests a visitor is told the app is busy instead of waiting forever.
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -157,3 +158,31 @@ def test_a_space_listens_on_every_interface(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/bilingual-chatbot")
     args = build_parser().parse_args([])
     assert (args.host, args.port) == ("0.0.0.0", 7860)
+
+
+def test_zero_gpu_wraps_generation_only_on_a_zero_gpu_space(monkeypatch):
+    import sys
+    import types
+
+    from app import on_gpu
+
+    def answer():
+        return "x"
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert on_gpu(answer, 256) is answer
+    calls = []
+    fake = types.SimpleNamespace(GPU=lambda duration: (lambda f: calls.append(duration) or f))
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert on_gpu(answer, 256)() == "x" and calls == [22], "the GPU is held for about what 256 tokens need"
+
+
+def test_a_space_without_persistent_storage_says_so(engine, monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/chatbot")
+    monkeypatch.delenv("CHATBOT_HOME")
+    config = json.dumps(build_app(Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256))).config)
+    assert "no persistent storage" in config
+    monkeypatch.setenv("CHATBOT_HOME", "/data/chatbot")
+    config = json.dumps(build_app(Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256))).config)
+    assert "no persistent storage" not in config
