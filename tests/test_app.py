@@ -186,3 +186,27 @@ def test_a_space_without_persistent_storage_says_so(engine, monkeypatch):
     monkeypatch.setenv("CHATBOT_HOME", "/data/chatbot")
     config = json.dumps(build_app(Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256))).config)
     assert "no persistent storage" not in config
+
+
+def test_no_request_holds_the_engine_past_the_time_limit(engine):
+    import time as clock
+
+    calls = []
+    original = engine.model.forward
+
+    def slowly(*args, **kwargs):  # 0.1 s a token: 200 tokens would take 20 s
+        calls.append(1)
+        clock.sleep(0.1)
+        return original(*args, **kwargs)
+
+    engine.model.forward = slowly
+    Assistant(engine, ChatConfig(max_new_tokens=200, context_tokens=512)).ask("Tell me a story.")
+    unlimited, calls[:] = len(calls), []
+    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=200, context_tokens=512, time_limit=0.5)))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        answer = Client(f"http://127.0.0.1:{port}/", verbose=False).predict("Tell me a story.", [], api_name="/chat")
+        assert answer["mode"] == "chat" and 0 < len(calls) <= unlimited // 2, (len(calls), unlimited)
+    finally:
+        demo.close()
