@@ -38,11 +38,7 @@ from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import Engine, GenerationOptions, Usage  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
-from knowledge.store import (  # noqa: E402
-    BUNDLED_CORPUS,  # noqa: E402
-    KnowledgeBase,
-    build_faiss,
-)
+from knowledge.store import BUNDLED_CORPUS, KnowledgeBase, build_faiss, scratch_knowledge_base  # noqa: E402
 
 QUESTIONS = ["What does LoRA train?", "How does early stopping work?", "困惑度是怎么计算的？", "什么是检索增强生成？"]
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
@@ -137,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     engine = Engine.load(None)
     embedder = Embedder()
-    with tempfile.TemporaryDirectory() as folder:
-        kb = KnowledgeBase.open(Path(folder))
-        kb.add([BUNDLED_CORPUS], embedder, progress=False)
+    with scratch_knowledge_base([BUNDLED_CORPUS], embedder) as kb:
         retriever = Retriever(kb, embedder)
         assistant = Assistant(engine, ChatConfig(), retriever)
         rows = generation_rows(engine, args.repeat) + retrieval_rows(retriever, assistant, args.repeat)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from chatbot import safety
@@ -33,7 +32,7 @@ from chatbot.safety import rates
 from knowledge.chunking import split_sentences
 from knowledge.embedder import Embedder
 from knowledge.retriever import Retriever
-from knowledge.store import BUNDLED_CORPUS, KnowledgeBase
+from knowledge.store import BUNDLED_CORPUS, scratch_knowledge_base
 
 EVERYDAY = Path(__file__).resolve().parent / "eval" / "everyday.jsonl"
 QUESTIONS = Path(__file__).resolve().parents[1] / "knowledge" / "eval" / "questions.jsonl"
@@ -85,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ChatConfig(model=args.model)
     everyday, questions = read_jsonl(EVERYDAY), read_jsonl(QUESTIONS)
     embedder = Embedder()
-    with tempfile.TemporaryDirectory() as folder:
-        kb = KnowledgeBase.open(Path(folder))
-        kb.add([BUNDLED_CORPUS], embedder, progress=False)
+    with scratch_knowledge_base([BUNDLED_CORPUS], embedder) as kb:
         retriever = Retriever(kb, embedder)
         table, misrouted = routing_table(retriever, config, everyday, questions)
         recall, missed = key_fact_recall(Assistant(Engine.load(config.model), config, retriever), questions)

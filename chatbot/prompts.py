@@ -41,15 +41,10 @@ SELF_HARM = {
 }
 # Answers the model writes by itself while a knowledge base is open say so: the question was not found in the
 # documents, or it asked for a task (writing, translating, arithmetic ...) rather than for their facts.
-NOT_FOUND = {
-    "en": "Not found in your documents; the model's own answer:",
-    "zh": "文档中没有找到相关内容，以下是模型自己的回答：",
-}
+NOT_FOUND = {"en": "Not found in your documents; the model's own answer:",
+             "zh": "文档中没有找到相关内容，以下是模型自己的回答："}
 NOT_IN_DOCUMENTS = {"en": "Not found in your documents.", "zh": "文档中没有找到相关内容。"}
-OWN_ANSWER = {
-    "en": "The model's own answer, not from your documents:",
-    "zh": "以下是模型自己的回答，不是来自文档：",
-}
+OWN_ANSWER = {"en": "The model's own answer, not from your documents:", "zh": "以下是模型自己的回答，不是来自文档："}
 # When the model cannot write the user's language (SmolLM2-135M and Chinese: asked in Chinese, it echoes the question
 # or writes nonsense, even when told to answer in English), the reply says so and how to get an answer.
 CANNOT_WRITE = {

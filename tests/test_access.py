@@ -17,7 +17,7 @@ from chatbot.feedback import FeedbackLog
 from knowledge.retriever import Retriever
 from knowledge.store import KnowledgeBase
 from tests.docs import DOCS, write_docs
-from tests.test_app import free_port
+from tests.test_app import free_port, launched
 from tests.tiny import TinyEmbedder, tiny_model
 
 
@@ -103,17 +103,13 @@ def test_each_session_may_send_only_so_many_messages_a_minute(engine):
 
     demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256)),
                      access=Access(requests_per_minute=2))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        first, second = (Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(2))
+    with launched(demo) as url:
+        first, second = Client(url, verbose=False), Client(url, verbose=False)
         for _ in range(2):
             assert first.predict("hello", [], api_name="/chat")["mode"] == "chat"
         with pytest.raises(Exception, match="at most 2 a minute"):
             first.predict("hello", [], api_name="/chat")
         assert second.predict("hello", [], api_name="/chat")["mode"] == "chat", "another session is not limited"
-    finally:
-        demo.close()
 
 
 def test_uploads_are_limited_on_the_server(serve):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 from gradio_client import Client
@@ -16,6 +17,7 @@ from gradio_client import Client
 from app import build_app
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
+from tests.tiny import slow_down
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,13 +28,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served(engine):
-    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)))
+@contextmanager
+def launched(demo):
+    """The app's real server on a free port of this machine; yields its URL and closes it afterwards."""
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def served(engine):
+    with launched(build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)))) as url:
+        yield Client(url, verbose=False)
 
 
 def test_chat_endpoint_answers(served, engine):
@@ -63,11 +73,8 @@ def served_with_index(tokenizer, docs_index, embedder):
 
     engine = Engine(tiny_model(tokenizer), tokenizer, "tiny", 512, ModelProfile(chat=("en",), grounded=()))
     retriever = Retriever(KnowledgeBase.open(docs_index), embedder)
-    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512), retriever))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with launched(build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512), retriever))) as url:
+        yield Client(url, verbose=False)
 
 
 def test_chat_endpoint_returns_cited_sources(served_with_index):
@@ -123,18 +130,9 @@ def test_python_app_py_serves_the_embedded_model():
 def test_one_visitors_answer_does_not_hold_up_the_others(engine):
     import time as clock
 
-    original = engine.model.forward
-
-    def slowly(*args, **kwargs):  # 0.2 s a token: the first visitor's answer takes seconds
-        clock.sleep(0.2)
-        return original(*args, **kwargs)
-
-    engine.model.forward = slowly
-    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=40, context_tokens=256)))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        first, second = (Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(2))
+    slow_down(engine.model, 0.2)  # the first visitor's answer takes seconds
+    with launched(build_app(Assistant(engine, ChatConfig(max_new_tokens=40, context_tokens=256)))) as url:
+        first, second = Client(url, verbose=False), Client(url, verbose=False)
         job = first.submit("Tell me a long story.", [], api_name="/chat")
         while not job.status().code.name == "ITERATING":  # its answer is streaming: the engine is busy
             clock.sleep(0.05)
@@ -144,8 +142,6 @@ def test_one_visitors_answer_does_not_hold_up_the_others(engine):
         assert refused["mode"] == "refused"
         assert not job.done(), "both were answered while the first visitor's answer was still being written"
         job.result()
-    finally:
-        demo.close()
 
 
 def test_a_space_listens_on_every_interface(monkeypatch):
@@ -189,24 +185,10 @@ def test_a_space_without_persistent_storage_says_so(engine, monkeypatch):
 
 
 def test_no_request_holds_the_engine_past_the_time_limit(engine):
-    import time as clock
-
-    calls = []
-    original = engine.model.forward
-
-    def slowly(*args, **kwargs):  # 0.1 s a token: 200 tokens would take 20 s
-        calls.append(1)
-        clock.sleep(0.1)
-        return original(*args, **kwargs)
-
-    engine.model.forward = slowly
+    calls = slow_down(engine.model, 0.1)  # 200 tokens would take 20 s
     Assistant(engine, ChatConfig(max_new_tokens=200, context_tokens=512)).ask("Tell me a story.")
     unlimited, calls[:] = len(calls), []
     demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=200, context_tokens=512, time_limit=0.5)))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        answer = Client(f"http://127.0.0.1:{port}/", verbose=False).predict("Tell me a story.", [], api_name="/chat")
-        assert answer["mode"] == "chat" and 0 < len(calls) <= unlimited // 2, (len(calls), unlimited)
-    finally:
-        demo.close()
+    with launched(demo) as url:
+        answer = Client(url, verbose=False).predict("Tell me a story.", [], api_name="/chat")
+    assert answer["mode"] == "chat" and 0 < len(calls) <= unlimited // 2, (len(calls), unlimited)

@@ -7,6 +7,7 @@ import pytest
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
+from tests.tiny import slow_down
 
 
 @pytest.fixture
@@ -59,17 +60,7 @@ def test_requests_are_bounded_before_any_work(assistant, monkeypatch):
 
 
 def test_an_answer_is_cut_off_at_the_time_limit(engine):
-    import time as clock
-
-    calls = []
-    original = engine.model.forward
-
-    def slowly(*args, **kwargs):  # 50 ms a token, so a 10 ms limit ends generation within a token or two
-        calls.append(1)
-        clock.sleep(0.05)
-        return original(*args, **kwargs)
-
-    engine.model.forward = slowly
+    calls = slow_down(engine.model, 0.05)  # 50 ms a token, so a 10 ms limit ends generation within a token or two
     Assistant(engine, ChatConfig(max_new_tokens=40, context_tokens=512)).ask("hello")
     unlimited, calls[:] = len(calls), []
     Assistant(engine, ChatConfig(max_new_tokens=40, context_tokens=512, time_limit=0.01)).ask("hello")

@@ -77,3 +77,19 @@ class TinyEmbedder:
             for term in tokenize(text) or [text]:
                 vectors[row, zlib.crc32(term.encode()) % self.dimension] += 1.0
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+
+
+def slow_down(model: torch.nn.Module, seconds: float) -> list[int]:
+    """Make every forward pass of `model` take `seconds` longer; returns the list that counts the passes."""
+    import time
+
+    calls: list[int] = []
+    original = model.forward
+
+    def slowly(*args, **kwargs):
+        calls.append(1)
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    model.forward = slowly
+    return calls
