@@ -109,6 +109,8 @@ class ChatApp:
         if not limit or session is None:
             return
         now = time.monotonic()
+        if len(self.recent) > 1000:  # forget sessions quiet for a minute, so the record stays bounded
+            self.recent = {key: times for key, times in self.recent.items() if times and now - times[-1] <= 60}
         recent = self.recent.setdefault(session, deque())
         while recent and now - recent[0] > 60:
             recent.popleft()
