@@ -26,7 +26,7 @@ from chatbot import safety
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
 from chatbot.engine import Engine
-from chatbot.grounding import looks_like_injection
+from chatbot.grounding import ground, looks_like_injection
 from chatbot.routing import decide
 from chatbot.safety import rates
 from knowledge.chunking import split_sentences
@@ -50,8 +50,8 @@ def routing_table(retriever: Retriever, config: ChatConfig, everyday: list[dict]
     rows = [(r["text"], r["language"], "chat") for r in everyday] + [(r["question"], r["language"], "documents")
                                                                       for r in questions]
     for text, language, expected in rows:
-        hits = [h for h in retriever.search(text, k=3 * config.passages, language=language)
-                if h.relevance >= config.min_relevance]
+        # The passages the assistant itself would show (`ground`), so the table measures what users get.
+        hits = ground(retriever, [], text, language, config.min_relevance, config.passages).hits
         route = decide(text, hits, retriever.lexical, config.min_relevance)
         table[language, expected, route.kind] = table.get((language, expected, route.kind), 0) + 1
         if route.kind != expected:

@@ -70,12 +70,13 @@ def unknown_share(question: str, lexical: LexicalIndex) -> float:
 
 def decide(question: str, hits: list[Hit], lexical: LexicalIndex, min_relevance: float,
            max_unknown: float = MAX_UNKNOWN) -> Route:
-    """`hits` are the retrieved passages, best first (for a follow-up, searched with the previous question)."""
+    """`hits` are the retrieved passages (for a follow-up, searched with the previous question), in any order:
+    `chatbot.grounding.ground` puts passages in the user's language first."""
     if is_task(question):
         return Route("chat", "task")
-    if not hits or hits[0].relevance < min_relevance:
+    best = max((h.relevance for h in hits), default=0.0)
+    if best < min_relevance:
         return Route("chat", "irrelevant")
-    if (hits[0].relevance < TRUSTED_RELEVANCE and lexical.size >= MIN_VOCABULARY
-            and unknown_share(question, lexical) >= max_unknown):
+    if best < TRUSTED_RELEVANCE and lexical.size >= MIN_VOCABULARY and unknown_share(question, lexical) >= max_unknown:
         return Route("chat", "unknown words")
     return Route("documents")
