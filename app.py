@@ -37,6 +37,7 @@ from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import PromptTooLongError  # noqa: E402
 from chatbot.feedback import FeedbackLog  # noqa: E402
 from chatbot.models import ModelNotFoundError  # noqa: E402
+from chatbot.openai_api import Gate, add_routes  # noqa: E402
 from common.cli import add_arguments, resolve, run  # noqa: E402
 from knowledge.embedder import EmbedderNotFoundError  # noqa: E402
 from knowledge.loaders import SUFFIXES  # noqa: E402
@@ -49,7 +50,7 @@ EXAMPLES = [
     "困惑度是怎么计算的？",
 ]
 SOURCES_TITLE = "📚 Sources · 来源"
-CONCURRENCY = 8  # requests handled at once; generation itself is one at a time (Engine.lock)
+CONCURRENCY = 8  # requests handled at once; the engine decodes them in one batch or one at a time, in arrival order
 MAX_QUEUE = 64  # requests waiting beyond those; more get "busy, try again"
 PUBLIC_REQUESTS_PER_MINUTE = 20  # per session on a public deployment: a person types far fewer
 MAX_RATABLE = 100  # answers per session kept for 👍/👎; older ones can no longer be rated
@@ -119,6 +120,14 @@ class ChatApp:
             raise gr.Error(f"Too many messages: at most {limit} a minute. Try again in {wait} s · "
                            f"消息太频繁：每分钟最多 {limit} 条，请 {wait} 秒后再试")
         recent.append(now)
+
+    def admit(self, client: str) -> str | None:
+        """Why `client` (an API caller) may not send another request now, or None: the UI's rate limit."""
+        try:
+            self._count_request(client)
+        except gr.Error as err:
+            return err.message
+        return None
 
     def _turn(self, message: str, history: list[dict] | None) -> Turn:
         try:
@@ -191,8 +200,8 @@ class ChatApp:
     def chat(self, message: str, history: list[dict] | None = None, request: gr.Request = None) -> Iterator[dict]:
         """Answer `message` after the earlier `history` ([{"role", "content"}, ...]); streams partial answers.
 
-        Each update is {"answer", "sources", "language", "mode", "timings", "query"}; the last one is complete,
-        with the cited sources (source, heading, page, chunk_id, score, text)."""
+        Each update is {"answer", "sources", "language", "mode", "timings", "query", "usage"}; the last one is
+        complete, with the cited sources (source, heading, page, chunk_id, score, text)."""
         self._count_request(request.session_hash if request else None)
         turn = self._turn(message, history)
         text = ""
@@ -328,7 +337,7 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
                 sign_in.click(app.login, password, [status, files, add, remove], api_visibility="private",
                               queue=False)
 
-        # Requests run side by side (CONCURRENCY): the engine generates one answer at a time (Engine.lock), and
+        # Requests run side by side (CONCURRENCY): the engine batches their answers or serves them in turn, and
         # index changes hold the retriever's lock, so a search never sees half of an update. Answers that need no
         # generation (quotes, refusals, errors) do not wait behind another visitor's.
         for trigger in (textbox.submit, send.click):
@@ -343,7 +352,20 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
         demo.unload(app.forget)
     # A bounded queue: past MAX_QUEUE waiting requests a visitor is told the app is busy instead of waiting forever.
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
+    # The OpenAI-compatible API joins the server when it starts (`launch`), with the same limits.
+    gate = Gate(CONCURRENCY, MAX_QUEUE)
+    demo.add_openai_api = lambda server: add_routes(server, assistant, gate, app.admit)
     return demo
+
+
+def launch(demo: gr.Blocks, block: bool = True, **options) -> str:
+    """Start the app's server with the OpenAI-compatible API (/v1) beside the UI; its URL. `block` waits until
+    the server is stopped (Ctrl-C)."""
+    server, url, _ = demo.launch(prevent_thread_lock=True, **options)
+    demo.add_openai_api(server)
+    if block:
+        demo.block_thread()
+    return url
 
 
 def open_knowledge_base(config: ChatConfig, no_index: bool) -> None:
@@ -380,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         open_knowledge_base(config, args.no_index)
         access = Access.from_environment(args.host, args.requests_per_minute)
         demo = build_app(Assistant.load(config), access=access)
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],
-                    max_file_size=f"{access.max_upload_mb:g}mb")
+        launch(demo, server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],
+               max_file_size=f"{access.max_upload_mb:g}mb")
 
     return run(serve, ModelNotFoundError, EmbedderNotFoundError, IndexError_, ValueError)
 

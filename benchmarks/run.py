@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from chatbot.assistant import Assistant  # noqa: E402
 from chatbot.chat_format import render_prompt  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
-from chatbot.engine import Engine, GenerationOptions, Usage  # noqa: E402
+from chatbot.engine import GenerationOptions, Usage  # noqa: E402
+from chatbot.hf_engine import TransformersEngine as Engine  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
 from knowledge.store import BUNDLED_CORPUS, KnowledgeBase, build_faiss, scratch_knowledge_base  # noqa: E402

@@ -1,7 +1,7 @@
 """One conversation turn: language → intent → retrieval → prompt → generation → citations. The CLI and the
 web app both drive it.
 
-    assistant = Assistant(Engine.load(None), ChatConfig(), retriever)      # retriever=None: plain chat
+    assistant = Assistant(load_engine(None), ChatConfig(), retriever)      # retriever=None: plain chat
     turn = assistant.turn(history, "What does LoRA train?")
     for piece in turn.stream():
         print(piece, end="")
@@ -23,6 +23,8 @@ passages and language instruction are added here, so they never pile up in the h
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 import threading
 import time
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from chatbot.chat_format import Message, message_text
 from chatbot.config import ChatConfig
-from chatbot.engine import Engine, GenerationOptions
+from chatbot.engine import Engine, GenerationOptions, Usage
 from chatbot.grounding import Grounding, cite, cited_numbers, extractive_answer, ground, term_overlap
 from chatbot.intent import classify
 from chatbot.prompts import (
@@ -95,11 +97,12 @@ class Answer:
     sources: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # first_token_s, total_s
     query: str | None = None  # what was searched in the knowledge base
+    usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens: the model's work
 
     def to_dict(self) -> dict:
         """The JSON shape shared by `python -m chatbot ask --json` and the app's /chat API."""
         return {"answer": self.text, "sources": self.sources, "language": self.language, "mode": self.mode,
-                "timings": self.timings, "query": self.query}
+                "timings": self.timings, "query": self.query, "usage": self.usage}
 
 
 def conversation_language(history: Sequence[Message], text: str) -> str:
@@ -117,13 +120,14 @@ class Turn:
     (citations completed), its sources and timings. `started` is when the turn began (perf_counter), so that
     timings include the language detection and retrieval done before the Turn existed."""
 
-    def __init__(self, language: str, mode: str, produce: Callable[[threading.Event], Iterator[str]],
+    def __init__(self, language: str, mode: str, produce: Callable[[threading.Event, Usage], Iterator[str]],
                  grounding: Grounding | None = None, finish: Callable[[str], tuple[str, str]] | None = None,
                  messages: list[Message] | None = None, started: float | None = None):
         self.language, self.mode, self.grounding = language, mode, grounding
         self.messages = messages  # the prompt the model sees (or would see, for quoted and fixed answers)
         self._produce, self._finish = produce, finish
         self.stop = threading.Event()
+        self.usage = Usage()  # the model's tokens; 0 for answers it did not write (quotes, fixed replies)
         self.pieces: list[str] = []
         self.started = time.perf_counter() if started is None else started
         self.timings: dict[str, float] = {}
@@ -131,7 +135,7 @@ class Turn:
 
     def stream(self) -> Iterator[str]:
         """The answer's text, piece by piece; timings count from the start of the turn, retrieval included."""
-        for piece in self._produce(self.stop):
+        for piece in self._produce(self.stop, self.usage):
             self.timings.setdefault("first_token_s", round(time.perf_counter() - self.started, 3))
             self.pieces.append(piece)
             yield piece
@@ -149,11 +153,13 @@ class Turn:
                 if passage.number in cited:
                     sources.append({"number": passage.number, "label": passage.label} | hit.to_dict())
         return Answer(text=text, language=self.language, mode=mode, sources=sources, timings=dict(self.timings),
-                      query=self.grounding.query if self.grounding else None)
+                      query=self.grounding.query if self.grounding else None,
+                      usage={"prompt_tokens": self.usage.prompt_tokens,
+                             "completion_tokens": self.usage.completion_tokens})
 
 
-def _fixed(text: str) -> Callable[[threading.Event], Iterator[str]]:
-    return lambda stop: iter([text])
+def _fixed(text: str) -> Callable[[threading.Event, Usage], Iterator[str]]:
+    return lambda stop, usage: iter([text])
 
 
 class Assistant:
@@ -166,10 +172,17 @@ class Assistant:
     @classmethod
     def load(cls, config: ChatConfig) -> Assistant:
         """Load the model and, when `config.index` is set, the knowledge base and its embedder (once)."""
-        engine = Engine.load(config.model, device=config.device, context_tokens=config.context_tokens)
+        engine = config.load_engine()
         retriever = (Retriever.open(Path(config.index), config.embedding_model, config.dense_languages)
                      if config.index else None)
         return cls(engine, config, retriever)
+
+    def variant(self, **changes) -> Assistant:
+        """The same assistant (engine, knowledge base, guard) with some ChatConfig fields changed, for one request
+        (an API call's max_tokens, temperature or system prompt); ValueError for a value the config refuses."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        return other
 
     @property
     def options(self) -> GenerationOptions:
@@ -177,9 +190,9 @@ class Assistant:
         return GenerationOptions(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                  seed=c.seed, time_limit=c.time_limit)
 
-    def _generate(self, messages: list[Message]) -> Callable[[threading.Event], Iterator[str]]:
+    def _generate(self, messages: list[Message]) -> Callable[[threading.Event, Usage], Iterator[str]]:
         # No request holds the engine longer than time_limit: the answer so far is kept, generation ends.
-        return lambda stop: self.engine.stream(messages, self.options, stop=stop)
+        return lambda stop, usage: self.engine.stream(messages, self.options, stop=stop, usage=usage)
 
     def _messages(self, history: Sequence[Message], current: str) -> list[Message]:
         messages = [{"role": "system", "content": self.config.system_prompt}]
@@ -247,9 +260,9 @@ class Assistant:
             return Turn(language, "chat", _fixed(text), messages=messages, started=started)
         generate = self._generate(messages)
 
-        def produce(stop: threading.Event) -> Iterator[str]:
+        def produce(stop: threading.Event, usage: Usage) -> Iterator[str]:
             yield head + "\n\n"
-            yield from generate(stop)
+            yield from generate(stop, usage)
 
         return Turn(language, "chat", produce, messages=messages, started=started)
 

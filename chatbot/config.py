@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from chatbot.engine import BACKENDS, Engine, load_engine
+from chatbot.onnx_engine import DEFAULT_PRECISION, PRECISIONS
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
 from knowledge.config import DENSE_LANGUAGES
 
@@ -21,6 +23,19 @@ class ChatConfig:
                           "(default: the embedded SmolLM2-135M-Instruct with the shipped sample LoRA adapter; "
                           "SmolLM2-135M-Instruct for the plain model; env CHATBOT_MODEL)"},
     )
+    backend: str = field(default_factory=lambda: os.environ.get("CHATBOT_BACKEND", "auto"), metadata={
+        "choices": BACKENDS,
+        "help": "how the model runs: auto (openai for an openai: model, transformers on a GPU, else onnx), "
+                "transformers (PyTorch), onnx (compiled with onnxruntime-genai, fastest on a CPU) or openai "
+                "(an OpenAI-compatible server; --base-url) (env CHATBOT_BACKEND)"})
+    precision: str = field(default=DEFAULT_PRECISION, metadata={
+        "choices": PRECISIONS, "help": f"weights of the onnx backend (default {DEFAULT_PRECISION}, see README)"})
+    base_url: str | None = field(default_factory=lambda: os.environ.get("CHATBOT_BASE_URL"), metadata={
+        "help": "URL of an OpenAI-compatible server for --backend openai, e.g. http://host:8000/v1; --model then "
+                "names the served model (or is left out for its first model). Same as --model openai:URL/MODEL "
+                "(env CHATBOT_BASE_URL)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "environment variable holding the key for --backend openai (default OPENAI_API_KEY)"})
     embedding_model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_MODEL"),
         metadata={"help": "sentence-transformers model id or folder for retrieval "
@@ -67,7 +82,13 @@ class ChatConfig:
         "help": "comma-separated question languages the embedder handles ('*' = all; set it for a multilingual "
                 f"--embedding-model; default {DENSE_LANGUAGES}, for the bundled English MiniLM)"})
 
+    def load_engine(self) -> Engine:
+        return load_engine(self.model, self.backend, self.device, self.context_tokens, self.precision,
+                           self.base_url, self.api_key_env)
+
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -1,31 +1,35 @@
 """The generation engine: messages in, a stream of text pieces out. It knows nothing about the UI.
 
-    engine = Engine.load(None)                      # the embedded default model
+`Engine` is the interface the turn pipeline, the app and the CLI use; three backends implement it:
+
+- `transformers` (chatbot.hf_engine): PyTorch `generate`, for GPUs and for parity with training;
+- `onnx` (chatbot.onnx_engine): the model compiled once with onnxruntime-genai (int4 by default), the CPU
+  default: about 6-9x faster decoding on a small CPU, and several sessions decoded in one batch;
+- `openai` (chatbot.openai_engine): any OpenAI-compatible server (vLLM, TGI, llama.cpp's server, Ollama, or
+  another instance of this app), through the `openai` client.
+
+    engine = load_engine(None)                        # the default model on the best local backend
     for piece in engine.stream([{"role": "user", "content": "Hi"}]):
         print(piece, end="")
 
-Generation runs in a worker thread feeding a TextIteratorStreamer; closing the stream early (a stop button,
-Ctrl-C) sets an event that a StoppingCriteria checks after every token, so the thread ends promptly.
+Every backend ends a reply at end-of-turn, `max_new_tokens`, the `stop` event (a Stop button, Ctrl-C), the time
+limit, or a loop (`LoopCheck`), and fills in `Usage` when the stream ends.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
-import torch
-from transformers import (
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-    set_seed,
-)
+from chatbot.chat_format import Message
+from chatbot.models import ModelProfile
 
-from chatbot.chat_format import Message, render_prompt
-from chatbot.models import ModelProfile, load_model, model_profile
+BACKENDS = ("auto", "transformers", "onnx", "openai")
+OPENAI_PREFIX = "openai:"
 
 
 class PromptTooLongError(ValueError):
@@ -46,6 +50,20 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int = 0
     time_limit: float | None = None  # seconds of generation, counted once this request has the engine
+    min_new_tokens: int = 0  # benchmarks only: generate at least this many tokens, end-of-turn or not
+
+
+class Engine(Protocol):
+    """What every backend offers. `count_tokens` counts the prompt as the model will see it (a backend without a
+    local tokenizer estimates, and says so in its docstring); `context_tokens` is the prompt + reply budget."""
+    name: str
+    profile: ModelProfile
+    context_tokens: int
+
+    def count_tokens(self, messages: Sequence[Message]) -> int: ...
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions | None = None,
+               stop: threading.Event | None = None, usage: Usage | None = None) -> Iterator[str]: ...
 
 
 def trim_history(messages: Sequence[Message], count_tokens: Callable[[Sequence[Message]], int],
@@ -67,31 +85,44 @@ def trim_history(messages: Sequence[Message], count_tokens: Callable[[Sequence[M
     return system + rest
 
 
-class _StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:
-        return self.event.is_set()
+def fit(engine: Engine, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:
+    """`messages` trimmed so that prompt + reply fit the engine's context budget."""
+    return trim_history(messages, engine.count_tokens, engine.context_tokens - max_new_tokens)
 
 
-class StopOnLoop(StoppingCriteria):
+@contextmanager
+def time_limit(options: GenerationOptions, stop: threading.Event) -> Iterator[None]:
+    """Sets `stop` after `options.time_limit` seconds; entered when the request gets the engine, so that waiting
+    behind other requests does not count."""
+    timer = threading.Timer(options.time_limit, stop.set) if options.time_limit else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer:
+            timer.cancel()
+
+
+class LoopCheck:
     """Ends a reply caught in a loop: the last `size` generated tokens already occurred twice before in it,
     without overlapping them.
 
     Greedy decoding of a small model sometimes repeats one sentence until max_new_tokens ("I'm glad to have you
-    as a math tutor. I'm glad to have you as a math tutor. ..."); this saves those seconds. Each call reads only
-    the tokens added since the last one and counts the n-grams that have left the tail in a dictionary, so the
+    as a math tutor. I'm glad to have you as a math tutor. ..."); this saves those seconds. `add` takes the
+    tokens generated since the last call and counts the n-grams that have left the tail in a dictionary, so the
     cost per token stays constant however long the reply grows."""
 
-    def __init__(self, prompt_length: int, size: int = 8):
-        self.prompt_length, self.size = prompt_length, size
+    def __init__(self, size: int = 8):
+        self.size = size
         self.generated: list[int] = []
         self.counted = 0  # n-grams counted so far: those starting at 0 .. counted - 1
         self.counts: dict[tuple[int, ...], int] = {}
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:
-        self.generated += input_ids[0, self.prompt_length + len(self.generated):].tolist()
+    def add(self, tokens: Sequence[int]) -> bool:
+        """Record newly generated tokens; True when the reply now loops."""
+        self.generated += tokens
         generated, size = self.generated, self.size
         # An earlier occurrence must end before the tail starts: n-grams starting at most len - 2 * size.
         while self.counted <= len(generated) - 2 * size:
@@ -103,95 +134,51 @@ class StopOnLoop(StoppingCriteria):
         return self.counts.get(tuple(generated[-size:]), 0) >= 2
 
 
-class Engine:
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model",
-                 context_tokens: int = 2048, profile: ModelProfile | None = None):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.profile = profile or ModelProfile()
-        limit = getattr(model.config, "max_position_embeddings", None) or context_tokens
-        self.context_tokens = min(context_tokens, limit)
-        # End of turn: whatever the tokenizer and the generation config call EOS (ChatML's <|im_end|>
-        # for SmolLM2); asking them avoids hard-coding any model's special tokens.
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        self.eos_token_ids = sorted(i for i in eos if i is not None)
-        # One generation at a time (a small CPU has no room for two, and a fast tokenizer must not be used from
-        # two threads at once); requests that need no generation (refusals, quotes, errors) never wait for it.
-        self.lock = threading.Lock()
+def pick_backend(backend: str, model: str | None, device: str | None) -> str:
+    """`auto`: `openai` for an `openai:` model; `transformers` on a GPU (or a named non-CPU device), where PyTorch
+    is fast and bf16 works; the compiled `onnx` backend on a CPU when onnxruntime-genai is installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend != "auto":
+        return backend
+    if model and model.startswith(OPENAI_PREFIX):
+        return "openai"
+    if device and not device.startswith("cpu"):
+        return "transformers"
+    if device is None:
+        import torch
 
-    @classmethod
-    def load(cls, model: str | None = None, device: str | None = None, context_tokens: int = 2048) -> Engine:
-        loaded, tokenizer, name = load_model(model, device)
-        return cls(loaded, tokenizer, name, context_tokens, model_profile(name, model))
+        if torch.cuda.is_available():
+            return "transformers"
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return "transformers"
+    return "onnx"
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
-        return len(render_prompt(self.tokenizer, messages))
+def load_engine(model: str | None = None, backend: str = "auto", device: str | None = None,
+                context_tokens: int = 2048, precision: str | None = None, base_url: str | None = None,
+                api_key_env: str | None = None) -> Engine:
+    """The engine for --model `model` on --backend `backend` (see `pick_backend`). Raises
+    chatbot.models.ModelNotFoundError, with what to do, when the model or the server cannot be had."""
+    chosen = pick_backend(backend, model, device)
+    if chosen == "openai":
+        from chatbot.openai_engine import OpenAIEngine
 
-    def fit(self, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:
-        """`messages` trimmed so that prompt + reply fit the context budget."""
-        return trim_history(messages, self.count_tokens, self.context_tokens - max_new_tokens)
+        return OpenAIEngine.connect(model, base_url, api_key_env, context_tokens)
+    if chosen == "onnx":
+        from chatbot.models import ModelNotFoundError
+        from chatbot.onnx_engine import DEFAULT_PRECISION, OnnxEngine
 
-    def stream(self, messages: Sequence[Message], options: GenerationOptions | None = None,
-               stop: threading.Event | None = None, usage: Usage | None = None) -> Iterator[str]:
-        """Yield the reply to `messages` piece by piece; ends at end-of-turn, max_new_tokens or `stop`. When the
-        stream ends, `usage` (if given) holds the prompt's and the reply's token counts."""
-        options = options or GenerationOptions()
-        stop = stop or threading.Event()
-        with self.lock:
-            # The time limit starts when the engine is ours, not while waiting for another request's answer.
-            timer = threading.Timer(options.time_limit, stop.set) if options.time_limit else None
-            if timer:
-                timer.daemon = True
-                timer.start()
-            try:
-                yield from self._stream(messages, options, stop, usage)
-            finally:
-                if timer:
-                    timer.cancel()
-
-    def _stream(self, messages: Sequence[Message], options: GenerationOptions, stop: threading.Event,
-                usage: Usage | None) -> Iterator[str]:
-        ids = render_prompt(self.tokenizer, self.fit(messages, options.max_new_tokens))
-        usage = usage if usage is not None else Usage()
-        usage.prompt_tokens = len(ids)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(
-            input_ids=torch.tensor([ids], device=self.device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-            max_new_tokens=options.max_new_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id or self.eos_token_ids[0],
-            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), StopOnLoop(len(ids))]),
-            streamer=streamer,
-        )
-        if options.temperature > 0:
-            set_seed(options.seed)
-            kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        failure: list[BaseException] = []
-        thread = threading.Thread(target=self._generate, args=(kwargs, streamer, failure, usage), daemon=True)
-        thread.start()
         try:
-            for text in streamer:
-                if text:
-                    yield text
-        finally:
-            stop.set()
-            thread.join()
-        if failure:
-            raise failure[0]
+            return OnnxEngine.load(model, precision or DEFAULT_PRECISION, context_tokens)
+        except ModelNotFoundError as err:
+            if backend != "auto":
+                raise
+            # A model the compiler or the runtime cannot take (some architectures, head sizes not a multiple of
+            # 16) is still served, by PyTorch.
+            print(f"warning: {err}\nServing it with --backend transformers instead.", file=sys.stderr)
+    from chatbot.hf_engine import TransformersEngine
 
-    def _generate(self, kwargs: dict, streamer: TextIteratorStreamer, failure: list[BaseException],
-                  usage: Usage) -> None:
-        try:
-            with torch.inference_mode():
-                output = self.model.generate(**kwargs)
-            usage.completion_tokens = output.shape[1] - usage.prompt_tokens
-        except BaseException as err:  # surfaced in the consumer's thread by stream()
-            failure.append(err)
-            streamer.end()
+    return TransformersEngine.load(model, device, context_tokens)

@@ -25,7 +25,6 @@ from pathlib import Path
 from chatbot import safety
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
-from chatbot.engine import Engine
 from chatbot.grounding import ground, looks_like_injection
 from chatbot.routing import decide
 from chatbot.safety import rates
@@ -79,15 +78,16 @@ def key_fact_recall(assistant: Assistant, questions: list[dict]) -> tuple[dict, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model that answers (default: the default model)")
+    parser.add_argument("--backend", default="auto", help="backend that answers (default: auto)")
     parser.add_argument("--verbose", action="store_true", help="list every misrouted message and missed fact")
     args = parser.parse_args(argv)
-    config = ChatConfig(model=args.model)
+    config = ChatConfig(model=args.model, backend=args.backend)
     everyday, questions = read_jsonl(EVERYDAY), read_jsonl(QUESTIONS)
     embedder = Embedder()
     with scratch_knowledge_base([BUNDLED_CORPUS], embedder) as kb:
         retriever = Retriever(kb, embedder)
         table, misrouted = routing_table(retriever, config, everyday, questions)
-        recall, missed = key_fact_recall(Assistant(Engine.load(config.model), config, retriever), questions)
+        recall, missed = key_fact_recall(Assistant(config.load_engine(), config, retriever), questions)
     print("Routing (chatbot.routing)\n\n| language | asked | routed to documents | routed to the model |\n"
           "|---|---|---|---|")
     for language in ("en", "zh"):

@@ -257,8 +257,6 @@ class LocalBackend:
     def assistant(self, settings: dict[str, Any], base: Path):
         from chatbot.assistant import Assistant
         from chatbot.config import ChatConfig
-        from chatbot.engine import Engine
-
         config = ChatConfig(seed=int(settings.get("seed", 0)), temperature=float(settings.get("temperature", 0.0)),
                             max_new_tokens=int(settings.get("max_new_tokens", 256)),
                             on_not_covered=str(settings.get("on_not_covered", "answer")),
@@ -266,7 +264,7 @@ class LocalBackend:
         # --model wins, then the dialogue's own setting, then ChatConfig's default (CHATBOT_MODEL or the default).
         config.model = self.model or settings.get("model", config.model)
         if config.model not in self.engines:
-            self.engines[config.model] = Engine.load(config.model)
+            self.engines[config.model] = config.load_engine()
         return Assistant(self.engines[config.model], config, self._retriever(settings.get("index"), base))
 
     def reply(self, dialogue: Dialogue, history: list[dict], message: str) -> tuple[dict, float]:

@@ -94,6 +94,8 @@ class EvaluateConfig:
     max_length: int = _field(2048, "longest dialogue scored for perplexity, in tokens (the rest are cut)")
     system_prompt: str = _field(DEFAULT_SYSTEM_PROMPT, "system message added to dialogues without one")
     device: str | None = _field(None, "cpu, cuda ... (default: cuda when available)")
+    backend: str = _field("transformers", "backend that generates the replies: transformers, onnx or openai "
+                                          "(perplexity always comes from the PyTorch weights; none for openai)")
     output: str | None = _field(None, "also write the figures and every generated reply to this JSON file")
 
     def __post_init__(self) -> None:

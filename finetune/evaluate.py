@@ -31,8 +31,9 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from chatbot.chat_format import Message, render_conversation
-from chatbot.engine import Engine, GenerationOptions
+from chatbot.engine import Engine, GenerationOptions, load_engine
 from chatbot.grounding import cited_numbers
+from chatbot.hf_engine import TransformersEngine
 from chatbot.models import EMBEDDED_NAME, ModelNotFoundError, adapter_base, load_model
 from chatbot.prompts import shown_passages
 from common.cli import ConfigError, add_arguments, resolve, run
@@ -142,11 +143,19 @@ def score(cases: list[Case], replies: list[str]) -> dict[str, float | int | None
 
 def evaluate_model(spec: str, dialogues: list[Dialogue], cases: list[Case], config: EvaluateConfig,
                    label: str) -> tuple[dict, list[str]]:
-    model, tokenizer, name = load_model(spec, config.device)
-    print(f"evaluating {label}: {name}", file=sys.stderr, flush=True)
-    figures: dict = {"model": name, "dialogues": len(dialogues),
-                     "perplexity": perplexity(model, tokenizer, dialogues, config.max_length)}
-    replies = generate(Engine(model, tokenizer, name), cases, config.max_new_tokens, label)
+    """Perplexity from the PyTorch weights (a remote `openai` model has none to read), replies from
+    `config.backend`."""
+    engine: Engine | None = None
+    figures: dict = {"model": spec, "dialogues": len(dialogues), "perplexity": None, "backend": config.backend}
+    if config.backend != "openai":
+        model, tokenizer, name = load_model(spec, config.device)
+        print(f"evaluating {label}: {name}", file=sys.stderr, flush=True)
+        figures |= {"model": name, "perplexity": perplexity(model, tokenizer, dialogues, config.max_length)}
+        if config.backend == "transformers":
+            engine = TransformersEngine(model, tokenizer, name)
+    if engine is None:
+        engine = load_engine(spec, config.backend, config.device)
+    replies = generate(engine, cases, config.max_new_tokens, label)
     return figures | score(cases, replies), replies
 
 

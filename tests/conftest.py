@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.engine import Engine
+from chatbot.hf_engine import TransformersEngine as Engine
 from common.paths import models_dir
 from tests.tiny import TinyEmbedder, save_tiny_model, tiny_model, tiny_tokenizer
 

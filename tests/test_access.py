@@ -12,8 +12,8 @@ import pytest
 from app import Access, ChatApp, build_app
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
-from chatbot.engine import Engine
 from chatbot.feedback import FeedbackLog
+from chatbot.hf_engine import TransformersEngine as Engine
 from knowledge.retriever import Retriever
 from knowledge.store import KnowledgeBase
 from tests.docs import DOCS, write_docs

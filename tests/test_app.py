@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 from gradio_client import Client
 
-from app import build_app
+from app import build_app, launch
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
 from tests.tiny import slow_down
@@ -32,7 +32,7 @@ def free_port() -> int:
 def launched(demo):
     """The app's real server on a free port of this machine; yields its URL and closes it afterwards."""
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, block=False, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -47,7 +47,8 @@ def served(engine):
 
 def test_chat_endpoint_answers(served, engine):
     result = served.predict("What is the capital of France?", [], api_name="/chat")
-    assert set(result) == {"answer", "sources", "language", "mode", "timings", "query"}
+    assert set(result) == {"answer", "sources", "language", "mode", "timings", "query", "usage"}
+    assert result["usage"]["completion_tokens"] > 0 and result["usage"]["prompt_tokens"] > 0
     assert result["language"] == "en"
     expected = Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)).ask(
         "What is the capital of France?").text
@@ -65,7 +66,7 @@ def test_chat_endpoint_streams_and_takes_history(served):
 
 @pytest.fixture
 def served_with_index(tokenizer, docs_index, embedder):
-    from chatbot.engine import Engine
+    from chatbot.hf_engine import TransformersEngine as Engine
     from chatbot.models import ModelProfile
     from knowledge.retriever import Retriever
     from knowledge.store import KnowledgeBase

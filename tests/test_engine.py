@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from chatbot.chat_format import render_prompt
-from chatbot.engine import Engine, GenerationOptions, PromptTooLongError, StopOnLoop, Usage, trim_history
+from chatbot.engine import GenerationOptions, PromptTooLongError, Usage, trim_history
+from chatbot.hf_engine import StopOnLoop
+from chatbot.hf_engine import TransformersEngine as Engine
 from tests.tiny import tiny_model
 
 

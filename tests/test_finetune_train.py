@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import DataCollatorForSeq2Seq
 
 from chatbot.chat_format import render_prompt
-from chatbot.engine import Engine, GenerationOptions, Usage
+from chatbot.engine import GenerationOptions, Usage
+from chatbot.hf_engine import TransformersEngine as Engine
 from chatbot.models import DEFAULT_NAME, EMBEDDED_NAME, ModelProfile, load_model, model_profile
 from finetune.config import EvaluateConfig, FinetuneConfig
 from finetune.data import IGNORE, DataReport, Dialogue, tokenize

@@ -9,8 +9,8 @@ import pytest
 
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
-from chatbot.engine import Engine
 from chatbot.grounding import cite, extractive_answer, is_follow_up, retrieval_query
+from chatbot.hf_engine import TransformersEngine as Engine
 from chatbot.models import ModelProfile
 from chatbot.prompts import (
     CANNOT_WRITE,

@@ -19,8 +19,8 @@ import pytest
 from app import build_app
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
-from chatbot.engine import Engine
 from chatbot.feedback import FeedbackLog
+from chatbot.hf_engine import TransformersEngine as Engine
 from chatbot.models import ModelProfile
 from chatbot.regress import load_dialogues
 from knowledge.retriever import Retriever

@@ -42,19 +42,21 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
+    """hidden_size 64 gives heads of 16, the smallest onnxruntime's attention kernel takes."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """Write a tiny model + tokenizer folder that `--model FOLDER` loads like any local checkpoint."""
     tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer, seed).save_pretrained(folder)
+    tiny_model(tokenizer, seed, hidden_size).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -1,0 +1,324 @@
+"""The `onnx` backend: the model compiled with onnxruntime-genai, the default on a CPU.
+
+    engine = OnnxEngine.load(None)          # the default model, compiled once into models_dir()/onnx/
+    for piece in engine.stream([{"role": "user", "content": "Hi"}]):
+        print(piece, end="")
+
+The first load of a model converts it: the transformers checkpoint (a LoRA adapter merged first, a GGUF file
+dequantised, as chatbot.models loads them) is saved to a scratch folder and onnxruntime-genai's model builder
+writes the ONNX graph at the chosen precision (int4 by default, see README "Serving") into
+`models_dir()/onnx/<model>-<precision>-<digest>/`, written beside and renamed, so a crash leaves nothing half
+made. Later loads take about a second.
+
+One scheduler thread drives onnxruntime-genai's continuous-batching `og.Engine`: sessions that ask at the same
+time are decoded together in one batch (up to the engine's batch size; later ones wait in arrival order), each
+reply streams to its own queue, and a session's stop event cancels only its own request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from chatbot.chat_format import Message, render_prompt
+from chatbot.engine import GenerationOptions, LoopCheck, Usage, fit
+from chatbot.models import (
+    DEFAULT_NAME,
+    ModelNotFoundError,
+    ModelProfile,
+    load_model,
+    model_profile,
+    resolve_model,
+)
+from common.paths import models_dir
+
+PRECISIONS = ("int4", "int8", "fp32")
+# The fastest precision that keeps the dialogue suite passing and key-fact recall within a point of transformers
+# (README, "Serving": measured with benchmarks/serving.py and python -m chatbot.evaluate --backend onnx).
+DEFAULT_PRECISION = "int4"
+CONFIG_FILE = "genai_config.json"
+_DONE = object()
+
+
+def _fingerprint(source: str) -> str:
+    """What identifies the weights behind --model: the resolved source, and for a folder the size and time of
+    each file in it (a retrained adapter in the same folder compiles again)."""
+    parts = [source]
+    folder = Path(source)
+    if folder.is_dir():
+        parts += [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                  for p in sorted(folder.rglob("*")) if p.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def compiled_folder(spec: str | None, precision: str) -> Path:
+    source = resolve_model(spec)
+    name = (DEFAULT_NAME if not spec else Path(spec.rstrip("/")).name).replace("+", "-")
+    return models_dir() / "onnx" / f"{name}-{precision}-{_fingerprint(source)}"
+
+
+def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
+    """The onnxruntime-genai folder for --model `spec` at `precision`, converted on first use (about 20 s for the
+    default model on 2 cores)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    target = compiled_folder(spec, precision)
+    if (target / CONFIG_FILE).is_file():
+        return target
+    model, tokenizer, name = load_model(spec, device="cpu")
+    print(f"Compiling {name} for onnxruntime-genai ({precision}) into {target} (once; about 20 s)...",
+          file=sys.stderr, flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(scratch / "merged")
+        tokenizer.save_pretrained(scratch / "merged")
+        del model
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(scratch / "merged"),
+                   "-o", str(scratch / "out"), "-p", precision, "-e", "cpu", "-c", str(scratch / "cache")]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not (scratch / "out" / CONFIG_FILE).is_file():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            raise ModelNotFoundError(f"Could not compile '{name}' for onnxruntime-genai ({precision}): {tail}\n"
+                                     "Use --backend transformers to serve it without compiling.")
+        try:
+            (scratch / "out").rename(target)
+        except OSError:  # another process finished first
+            if not (target / CONFIG_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+class _Decoder:
+    """Token ids to text pieces as transformers' TextIteratorStreamer cuts them, so every backend streams the
+    same text: a piece waits while its last character is an incomplete UTF-8 sequence, and the ids decoded
+    together start again after each new line."""
+
+    def __init__(self, decode):
+        self.decode, self.ids, self.shown = decode, [], 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\n"):
+            piece, self.ids, self.shown = text[self.shown:], [], 0
+            return piece
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        piece = self.decode(self.ids)[self.shown:]
+        self.ids, self.shown = [], 0
+        return piece
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    options: GenerationOptions
+    stop: threading.Event
+    usage: Usage
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    loop: LoopCheck = field(default_factory=LoopCheck)
+    handle: object = None  # the og.Request, once admitted
+    turn_id: int = 0
+    decoder: _Decoder | None = None
+    timer: threading.Timer | None = None
+    cancelled: bool = False
+
+
+class OnnxEngine:
+    """The `onnx` backend (see the module's docstring). Prompts are rendered with the model's own chat template
+    through its transformers tokenizer, exactly as the other backends and fine-tuning render them."""
+
+    def __init__(self, folder: Path, name: str, context_tokens: int = 2048, profile: ModelProfile | None = None):
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+
+        self.og, self.folder, self.name = og, folder, name
+        self.profile = profile or ModelProfile()
+        self.model = og.Model(str(folder))
+        self.og_tokenizer = og.Tokenizer(self.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        limit = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10**9 else context_tokens
+        self.context_tokens = min(context_tokens, limit)
+        self.eos_token_ids = {i for i in (self.tokenizer.eos_token_id, *self.og_tokenizer.eos_token_ids)
+                              if i is not None}
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used from two threads at once
+        self.waiting: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self.closed = False
+        started: queue.SimpleQueue = queue.SimpleQueue()
+        # og.Engine may only be used from the thread that created it: the scheduler thread owns it.
+        self.thread = threading.Thread(target=self._schedule, args=(started,), name="onnx-engine", daemon=True)
+        self.thread.start()
+        if isinstance(failure := started.get(), BaseException):
+            raise ModelNotFoundError(f"onnxruntime-genai cannot run {folder}: {failure}")
+        try:  # one token, so that a model the runtime cannot execute is found out now, not by the first visitor
+            for _ in self.stream([{"role": "user", "content": "Hi"}], GenerationOptions(max_new_tokens=1)):
+                pass
+        except RuntimeError as err:
+            self.close()
+            raise ModelNotFoundError(f"onnxruntime-genai cannot run {name} ({folder}): {err}") from err
+
+    @classmethod
+    def load(cls, model: str | None = None, precision: str = DEFAULT_PRECISION, context_tokens: int = 2048
+             ) -> OnnxEngine:
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError as err:
+            raise ModelNotFoundError("The onnx backend needs onnxruntime-genai: `pip install -r requirements.txt`, "
+                                     "or choose --backend transformers.") from err
+        folder = compile_model(model, precision)
+        name = DEFAULT_NAME if not model else model
+        return cls(folder, name, context_tokens, model_profile(name, model))
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        with self.tokenizer_lock:
+            return len(render_prompt(self.tokenizer, messages))
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions | None = None,
+               stop: threading.Event | None = None, usage: Usage | None = None) -> Iterator[str]:
+        """Yield the reply piece by piece; ends at end-of-turn, max_new_tokens, `stop`, the time limit (counted
+        from when the request joins the batch) or a loop."""
+        options = options or GenerationOptions()
+        stop = stop or threading.Event()
+        fitted = fit(self, messages, options.max_new_tokens)
+        with self.tokenizer_lock:
+            ids = render_prompt(self.tokenizer, fitted)
+        request = _Request(ids, options, stop, usage if usage is not None else Usage())
+        request.usage.prompt_tokens = len(ids)
+        self.waiting.put(request)
+        try:
+            while (item := request.out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # a consumer that leaves early (Stop, a closed connection) cancels its request
+
+    def close(self) -> None:
+        """End the scheduler thread once the requests in flight are done (the engine cannot be used after)."""
+        self.waiting.put(None)
+
+    # ----- the scheduler thread ----------------------------------------------------------------------------
+    def _schedule(self, started: queue.SimpleQueue) -> None:
+        try:
+            engine = self.og.Engine(self.model)
+            self.batch_size = max(1, engine.get_capabilities().configured_max_batch_size)
+        except Exception as err:  # noqa: BLE001 (reported by __init__)
+            started.put(err)
+            return
+        started.put(None)
+        active: dict[object, _Request] = {}
+        events = engine.create_event_buffer(256)
+        while not self.closed or active:
+            try:
+                self._step(engine, events, active)
+            except Exception as err:  # noqa: BLE001 (an engine failure ends the requests in flight, not the server)
+                for request in active.values():
+                    self._finish(request, RuntimeError(f"onnxruntime-genai failed: {err}"))
+                active.clear()
+                engine = self.og.Engine(self.model)
+                events = engine.create_event_buffer(256)
+
+    def _step(self, engine, events, active: dict) -> None:
+        """Admit whoever waits (up to the batch size; sleep when idle), cancel stopped requests, decode once."""
+        while len(active) < self.batch_size:
+            try:
+                request = self.waiting.get(block=not active)
+            except queue.Empty:
+                break
+            if request is None:
+                self.closed = True
+                break
+            if request.stop.is_set():
+                request.out.put(_DONE)
+                continue
+            try:
+                self._admit(engine, request, active)
+            except Exception as err:  # noqa: BLE001 (this request's failure, e.g. a prompt the model cannot take)
+                self._finish(request, err)
+        for request in active.values():
+            if request.stop.is_set() and not request.cancelled:
+                request.cancelled = True
+                request.handle.cancel_turn(request.turn_id)
+        if not engine.has_pending_requests():
+            return
+        for event in engine.run(events):
+            request = active.get(event.request)
+            if request is not None and self._take(request, event):
+                del active[event.request]
+
+    def _admit(self, engine, request: _Request, active: dict) -> None:
+        og, options = self.og, request.options
+        settings = og.RequestOptions()
+        settings.set_max_session_tokens(len(request.ids) + options.max_new_tokens + 1)
+        handle = engine.create_request(options=settings)
+        turn = og.TurnOptions(handle)
+        turn.set_max_generated_tokens(options.max_new_tokens)
+        if options.min_new_tokens:
+            turn.set_min_generated_tokens(options.min_new_tokens)
+        if options.temperature > 0:
+            turn.set_do_sample(True)
+            turn.set_temperature(options.temperature)
+            turn.set_top_p(options.top_p)
+            turn.set_top_k(0)
+            turn.set_seed(options.seed)
+        else:
+            turn.set_do_sample(False)
+        request.handle, request.decoder = handle, _Decoder(self._decode)
+        request.turn_id = handle.begin_turn(np.asarray(request.ids, dtype=np.int32), turn)
+        if options.time_limit:  # counted from here, not while waiting for a place in the batch
+            request.timer = threading.Timer(options.time_limit, request.stop.set)
+            request.timer.daemon = True
+            request.timer.start()
+        active[handle] = request
+
+    def _take(self, request: _Request, event) -> bool:
+        """Pass one event to its request; True when the request has finished."""
+        flags, kinds = int(event.flags), self.og.EngineEventFlags
+        if event.token is not None and flags & int(kinds.TOKEN):
+            request.usage.completion_tokens += 1
+            if event.token not in self.eos_token_ids:
+                text = request.decoder.add(event.token)
+                if text:
+                    request.out.put(text)
+            if request.loop.add([event.token]):
+                request.stop.set()
+        if flags & int(kinds.FAILED):
+            self._finish(request, RuntimeError(f"onnxruntime-genai failed to generate ({event.error_code.name}; "
+                                               "its log above says why)"))
+            return True
+        if flags & int(kinds.TURN_FINISHED):
+            if event.usage is not None:
+                request.usage.completion_tokens = event.usage.generated_tokens
+            self._finish(request, None)
+            return True
+        return False
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _finish(self, request: _Request, error: BaseException | None) -> None:
+        if request.decoder is not None and (rest := request.decoder.flush()):
+            request.out.put(rest)
+        if request.timer:
+            request.timer.cancel()
+        if request.handle is not None:
+            request.handle.close()
+        request.out.put(error if error is not None else _DONE)

@@ -1,0 +1,218 @@
+"""Serving: the compiled onnx backend with several sessions at once, the OpenAI-compatible API through the real
+`openai` client, and a second app instance answering through the first one's /v1 (the `openai` backend).
+
+The onnx tests compile a tiny random model (heads of 16, the smallest the runtime takes) once per session."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from gradio_client import Client
+
+from app import build_app
+from chatbot.assistant import Assistant
+from chatbot.config import ChatConfig
+from chatbot.engine import GenerationOptions, Usage, load_engine, pick_backend
+from chatbot.hf_engine import TransformersEngine
+from chatbot.models import ModelNotFoundError, ModelProfile
+from chatbot.onnx_engine import OnnxEngine
+from chatbot.openai_engine import OpenAIEngine, estimate_tokens, split_model
+from tests.test_app import launched
+from tests.tiny import save_tiny_model
+
+PROMPTS = ["hello", "What is the capital of France?", "LoRA trains two small matrices.", "法国的首都是巴黎。",
+           "Tell me about retrieval.", "user assistant system"]
+
+
+@pytest.fixture(scope="session")
+def onnx_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-onnx"), hidden_size=64)
+
+
+@pytest.fixture
+def onnx_engine(onnx_model_dir):
+    return OnnxEngine.load(str(onnx_model_dir), "fp32", context_tokens=256)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_the_onnx_backend_is_the_cpu_default_and_matches_pytorch(onnx_model_dir, onnx_engine):
+    assert pick_backend("auto", None, "cpu") == "onnx"
+    assert pick_backend("auto", "openai:http://host/v1", None) == "openai"
+    assert pick_backend("auto", None, "cuda:0") == "transformers"
+    torch_engine = TransformersEngine.load(str(onnx_model_dir), "cpu", 256)
+    options = GenerationOptions(max_new_tokens=12, min_new_tokens=12)
+    for prompt in PROMPTS[:3]:
+        usage, torch_usage = Usage(), Usage()
+        reply = "".join(onnx_engine.stream(user(prompt), options, usage=usage))
+        expected = "".join(torch_engine.stream(user(prompt), options, usage=torch_usage))
+        assert usage == torch_usage == Usage(torch_engine.count_tokens(user(prompt)), 12)
+        assert reply == expected and len(reply) > 3, "the same greedy reply, cut into the same text"
+
+
+def test_sessions_decoded_together_get_what_each_gets_alone(onnx_engine):
+    options = GenerationOptions(max_new_tokens=16)
+    alone = ["".join(onnx_engine.stream(user(prompt), options)) for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda prompt: "".join(onnx_engine.stream(user(prompt), options)), PROMPTS))
+    assert together == alone, "one session's text leaked into another's, or batching changed a greedy reply"
+    assert len(set(alone)) > 1
+
+
+def test_stop_ends_only_its_own_session(onnx_engine):
+    options = GenerationOptions(max_new_tokens=60)
+    alone = {prompt: "".join(onnx_engine.stream(user(prompt), options)) for prompt in PROMPTS[:4]}
+    stop = threading.Event()
+    results: dict[str, str] = {}
+
+    def run(prompt: str, event: threading.Event | None) -> None:
+        text = ""
+        for piece in onnx_engine.stream(user(prompt), options, stop=event):
+            text += piece
+            if event is not None and len(text) > 2:
+                event.set()  # this session's Stop button, pressed after its first pieces
+        results[prompt] = text
+
+    threads = [threading.Thread(target=run, args=(PROMPTS[0], stop))]
+    threads += [threading.Thread(target=run, args=(prompt, None)) for prompt in PROMPTS[1:4]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results[PROMPTS[0]]) < len(alone[PROMPTS[0]]) / 2
+    assert all(results[prompt] == alone[prompt] for prompt in PROMPTS[1:4]), "the others ran to their end"
+
+
+def test_the_time_limit_cuts_an_onnx_answer(onnx_engine):
+    usage = Usage()
+    "".join(onnx_engine.stream(user("hello"), GenerationOptions(max_new_tokens=200, min_new_tokens=200,
+                                                               time_limit=0.0001), usage=usage))
+    assert 0 < usage.completion_tokens < 200
+
+
+def test_a_model_the_runtime_cannot_run_falls_back_to_pytorch(tiny_model_dir, capsys):
+    engine = load_engine(str(tiny_model_dir), "auto", "cpu", 256, "fp32")  # heads of 8: the runtime refuses
+    assert isinstance(engine, TransformersEngine)
+    assert "Serving it with --backend transformers instead" in capsys.readouterr().err
+    with pytest.raises(ModelNotFoundError, match="cannot run"):
+        load_engine(str(tiny_model_dir), "onnx", "cpu", 256, "fp32")
+
+
+def test_openai_model_specs_and_token_estimates():
+    assert split_model("openai:http://h:8000/v1/Qwen/Qwen2.5-7B-Instruct", None) == (
+        "http://h:8000/v1", "Qwen/Qwen2.5-7B-Instruct")
+    assert split_model("openai:http://h:8000/v1", None) == ("http://h:8000/v1", None)
+    assert split_model("m", "http://h/v1/") == ("http://h/v1", "m")
+    with pytest.raises(ModelNotFoundError, match="--base-url"):
+        split_model("m", None)
+    english = estimate_tokens(user("word " * 100))
+    assert 100 <= english <= 200
+    assert estimate_tokens(user("汉" * 100)) >= 100, "Han characters count about one token each"
+
+
+# ----- the OpenAI-compatible API -------------------------------------------------------------------------------
+@pytest.fixture
+def api(engine):
+    with launched(build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)))) as url:
+        yield url, openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+
+
+def test_the_api_answers_through_the_real_openai_client(api, engine):
+    url, client = api
+    assert [model.id for model in client.models.list()] == ["tiny"]
+    expected = Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)).ask("Tell me a story.")
+    reply = client.chat.completions.create(model="tiny", messages=user("Tell me a story."))
+    assert reply.choices[0].message.content == expected.text
+    assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens == expected.usage["completion_tokens"] > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.model_extra["sources"] == [] and reply.model_extra["mode"] == "chat"
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=user("Tell me a story."), stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and "sources" in chunks[-2].model_extra
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_the_api_streams_server_sent_events_ending_with_done(api):
+    import requests
+
+    url, _ = api
+    response = requests.post(url + "v1/chat/completions", json={"model": "tiny", "messages": user("hi"),
+                                                                "stream": True}, stream=True, timeout=60)
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert '"object": "chat.completion.chunk"' in lines[0]
+
+
+def test_api_errors_come_in_openais_shape(api, monkeypatch):
+    url, client = api
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=user("hi"))
+    assert missing.value.body == {"message": missing.value.body["message"], "type": "invalid_request_error",
+                                  "param": "model", "code": "model_not_found"}
+    with pytest.raises(openai.BadRequestError, match="last message must come from the user"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="too long"):
+        client.chat.completions.create(model="tiny", messages=user("a" * 9000))
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens="many")
+    assert bad.value.body["param"] == "max_tokens"
+    monkeypatch.setenv("CHATBOT_API_KEY", "secret")
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="tiny", messages=user("hi"))
+    keyed = openai.OpenAI(base_url=url + "v1", api_key="secret", max_retries=0)
+    assert keyed.chat.completions.create(model="tiny", messages=user("hi")).choices[0].message.content
+
+
+@pytest.mark.slow
+def test_the_api_streams_an_answer_with_its_sources(served_with_index_url):
+    client = openai.OpenAI(base_url=served_with_index_url + "v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=user("困惑度怎么计算？"), stream=True))
+    final = chunks[-1].model_extra
+    assert final["mode"] == "extractive" and final["sources"][0]["source"] == "zh/困惑度.md"
+    assert "[1]" in "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+@pytest.fixture
+def served_with_index_url(tokenizer, docs_index, embedder):
+    from knowledge.retriever import Retriever
+    from knowledge.store import KnowledgeBase
+    from tests.tiny import tiny_model
+
+    engine = TransformersEngine(tiny_model(tokenizer), tokenizer, "tiny", 512, ModelProfile(chat=("en",),
+                                                                                             grounded=()))
+    retriever = Retriever(KnowledgeBase.open(docs_index), embedder)
+    with launched(build_app(Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=512), retriever))) as url:
+        yield url
+
+
+def test_a_second_instance_answers_through_the_first(api, engine):
+    url, _ = api
+    remote = OpenAIEngine.connect(f"openai:{url}v1", context_tokens=256)
+    assert remote.name == "tiny"
+    with launched(build_app(Assistant(remote, ChatConfig(max_new_tokens=8, context_tokens=256)))) as second:
+        answer = Client(second, verbose=False).predict("Tell me a story.", [], api_name="/chat")
+    # The first instance answered the second's prompt as a whole turn: its label and its model's words.
+    first = Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)).ask("Tell me a story.")
+    assert answer["answer"] == first.text and answer["usage"]["completion_tokens"] == first.usage["completion_tokens"]
+    with pytest.raises(ModelNotFoundError, match="does not serve 'other'"):
+        OpenAIEngine.connect(f"openai:{url}v1/other")
+
+
+def test_sixteen_sessions_at_once_through_the_app(onnx_engine):
+    config = ChatConfig(max_new_tokens=12, context_tokens=256)
+    expected = {p: Assistant(onnx_engine, config).ask(p).text for p in PROMPTS}
+    asked = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
+    with launched(build_app(Assistant(onnx_engine, config))) as url:
+        jobs = [(prompt, Client(url, verbose=False).submit(prompt, [], api_name="/chat")) for prompt in asked]
+        answers = [(prompt, job.result(timeout=120)) for prompt, job in jobs]
+    assert all(answer["answer"] == expected[prompt] for prompt, answer in answers), "each session gets its own"
