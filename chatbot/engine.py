@@ -18,6 +18,7 @@ limit, or a loop (`LoopCheck`), and fills in `Usage` when the stream ends.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -135,15 +136,16 @@ class LoopCheck:
 
 
 def pick_backend(backend: str, model: str | None, device: str | None) -> str:
-    """`auto`: `openai` for an `openai:` model; `transformers` on a GPU (or a named non-CPU device), where PyTorch
-    is fast and bf16 works; the compiled `onnx` backend on a CPU when onnxruntime-genai is installed."""
+    """`auto`: `openai` for an `openai:` model; `transformers` on a GPU (or a named non-CPU device, or a ZeroGPU
+    Space, whose GPU is attached per request), where PyTorch is fast and bf16 works; the compiled `onnx` backend
+    on a CPU when onnxruntime-genai is installed."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if backend != "auto":
         return backend
     if model and model.startswith(OPENAI_PREFIX):
         return "openai"
-    if device and not device.startswith("cpu"):
+    if (device and not device.startswith("cpu")) or os.environ.get("SPACES_ZERO_GPU"):
         return "transformers"
     if device is None:
         import torch

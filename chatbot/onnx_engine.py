@@ -18,6 +18,8 @@ reply streams to its own queue, and a session's stop event cancels only its own 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import queue
 import shutil
 import subprocess
@@ -48,6 +50,13 @@ PRECISIONS = ("int4", "int8", "fp32")
 DEFAULT_PRECISION = "int4"
 CONFIG_FILE = "genai_config.json"
 _DONE = object()
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (CHATBOT_THREADS overrides)."""
+    if os.environ.get("CHATBOT_THREADS"):
+        return max(1, int(os.environ["CHATBOT_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _fingerprint(source: str) -> str:
@@ -151,11 +160,16 @@ class OnnxEngine:
 
         self.og, self.folder, self.name = og, folder, name
         self.profile = profile or ModelProfile()
-        self.model = og.Model(str(folder))
+        config = og.Config(str(folder))
+        # onnxruntime picked one thread on this 2-core machine; with all of them, prefill takes half the time and
+        # decoding is 1.4x faster (README, "Serving").
+        threads = {"intra_op_num_threads": cpu_threads()}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
+        self.model = og.Model(config)
         self.og_tokenizer = og.Tokenizer(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        limit = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10**9 else context_tokens
-        self.context_tokens = min(context_tokens, limit)
+        limit = json.loads((folder / CONFIG_FILE).read_text())["model"].get("context_length") or context_tokens
+        self.context_tokens = min(context_tokens, limit)  # the model's positions, as the other backends do
         self.eos_token_ids = {i for i in (self.tokenizer.eos_token_id, *self.og_tokenizer.eos_token_ids)
                               if i is not None}
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used from two threads at once
@@ -257,6 +271,9 @@ class OnnxEngine:
                 request.cancelled = True
                 request.handle.cancel_turn(request.turn_id)
         if not engine.has_pending_requests():
+            for request in active.values():  # the engine holds nothing more for them: end them, never hang
+                self._finish(request, None)
+            active.clear()
             return
         for event in engine.run(events):
             request = active.get(event.request)

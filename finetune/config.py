@@ -96,6 +96,7 @@ class EvaluateConfig:
     device: str | None = _field(None, "cpu, cuda ... (default: cuda when available)")
     backend: str = _field("transformers", "backend that generates the replies: transformers, onnx or openai "
                                           "(perplexity always comes from the PyTorch weights; none for openai)")
+    precision: str = _field("int4", "weights of the onnx backend: int4, int8 or fp32")
     output: str | None = _field(None, "also write the figures and every generated reply to this JSON file")
 
     def __post_init__(self) -> None:

@@ -154,7 +154,7 @@ def evaluate_model(spec: str, dialogues: list[Dialogue], cases: list[Case], conf
         if config.backend == "transformers":
             engine = TransformersEngine(model, tokenizer, name)
     if engine is None:
-        engine = load_engine(spec, config.backend, config.device)
+        engine = load_engine(spec, config.backend, config.device, precision=config.precision)
     replies = generate(engine, cases, config.max_new_tokens, label)
     return figures | score(cases, replies), replies
 

@@ -103,6 +103,25 @@ def test_a_model_the_runtime_cannot_run_falls_back_to_pytorch(tiny_model_dir, ca
         load_engine(str(tiny_model_dir), "onnx", "cpu", 256, "fp32")
 
 
+def test_finetune_evaluate_generates_with_every_backend(onnx_model_dir, tmp_path, api):
+    from finetune.config import EvaluateConfig
+    from finetune.evaluate import evaluate
+    from tests.test_finetune_train import write_dialogues
+
+    data = write_dialogues(tmp_path / "held-out.jsonl", count=2)
+    replies = {}
+    for backend in ("transformers", "onnx"):
+        result = evaluate(EvaluateConfig(model=str(onnx_model_dir), data=data, base="none", max_new_tokens=6,
+                                         backend=backend, precision="fp32"))
+        assert result["results"]["tuned"]["perplexity"] > 1
+        replies[backend] = [row["tuned"] for row in result["replies"]]
+    assert replies["onnx"] == replies["transformers"] and any(replies["onnx"])
+    url, _ = api  # a served model has no weights here: replies without perplexity
+    remote = evaluate(EvaluateConfig(model=f"openai:{url}v1/tiny", data=data, base="none", max_new_tokens=6,
+                                     backend="openai"))
+    assert remote["results"]["tuned"]["perplexity"] is None and len(remote["replies"]) == 2
+
+
 def test_openai_model_specs_and_token_estimates():
     assert split_model("openai:http://h:8000/v1/Qwen/Qwen2.5-7B-Instruct", None) == (
         "http://h:8000/v1", "Qwen/Qwen2.5-7B-Instruct")
