@@ -1,9 +1,11 @@
-"""The web app: a Gradio chat UI and a `/chat` API in front of `chatbot.Assistant`.
+"""The web app: a Gradio chat UI, a `/chat` API and the OpenAI-compatible `/v1` API in front of
+`chatbot.Assistant`.
 
     python app.py                       # embedded model + the app's knowledge base on http://127.0.0.1:7860
     python app.py --port 8000 --host 0.0.0.0 --model HuggingFaceTB/SmolLM2-360M-Instruct
     python app.py --index my-index      # answer from another knowledge base; --no-index: plain chat
     python app.py --share               # also a public gradio.live link (needs network)
+    python app.py --model openai:http://gpu-box:8000/v1/MODEL   # generation by an OpenAI-compatible server
 
 Models and the index are loaded once at start-up. On the first start the app's knowledge base
 ($CHATBOT_HOME/index) is built from the bundled documents (knowledge/corpus), so it answers out of the box.
@@ -12,6 +14,9 @@ and a "Knowledge base" tab to upload, list and remove documents. From code:
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict("What does LoRA train?", [], api_name="/chat")
+
+    from openai import OpenAI                                   # or any OpenAI client (chatbot/openai_api.py)
+    OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused").chat.completions.create(...)
 """
 
 from __future__ import annotations
@@ -297,7 +302,8 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
         if os.environ.get("SPACE_ID") and not os.environ.get("CHATBOT_HOME"):
             gr.Markdown("⚠️ This Space has no persistent storage set (`CHATBOT_HOME`): uploaded documents and "
                         "feedback are lost when it restarts · 未设置持久存储：重启后上传的文档和反馈会丢失。")
-        gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel `{assistant.engine.name}` · "
+        gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel `{assistant.engine.name}` "
+                    f"({assistant.engine.backend}) · "
                     + (f"knowledge base `{index}`" if index else "no knowledge base")
                     + ". Ask in English or Chinese; answers cite the documents they come from.")
         with gr.Tab("Chat · 聊天"):

@@ -4,6 +4,8 @@
     python -m chatbot ask "What is the capital of France?" --json
     python -m chatbot ask "What does LoRA train?" --index my-index --json   # answered from documents, cited
     python -m chatbot ask "..." --model HuggingFaceTB/SmolLM2-360M-Instruct --temperature 0.7
+    python -m chatbot ask "..." --backend transformers          # PyTorch instead of the compiled CPU backend
+    python -m chatbot --model openai:http://127.0.0.1:8000/v1  # a model behind an OpenAI-compatible server
 
 Every ChatConfig field is a flag (`--max-new-tokens`, `--seed`, ...). Errors about models or input are printed
 as one line on stderr with exit status 2, without a traceback.
@@ -42,7 +44,7 @@ def ask(assistant: Assistant, question: str, as_json: bool) -> None:
     if as_json:
         for _ in turn.stream():
             pass
-        result = turn.answer().to_dict() | {"model": assistant.engine.name}
+        result = turn.answer().to_dict() | {"model": assistant.engine.name, "backend": assistant.engine.backend}
         print(json.dumps(result, ensure_ascii=False))
         return
     show(turn)
@@ -60,7 +62,8 @@ def show(turn: Turn) -> None:
 
 
 def chat(assistant: Assistant) -> None:
-    print(f"Chatting with {assistant.engine.name}. Type /exit or press Ctrl-D to quit, /reset to start over.")
+    print(f"Chatting with {assistant.engine.name} ({assistant.engine.backend}). Type /exit or press Ctrl-D to quit, "
+          "/reset to start over.")
     history: list[dict] = []
     while True:
         try:

@@ -19,7 +19,8 @@ from knowledge.config import DENSE_LANGUAGES
 class ChatConfig:
     model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_MODEL"),
-        metadata={"help": "Hugging Face model id, local model folder or .gguf file "
+        metadata={"help": "Hugging Face model id, local model folder, .gguf file, or openai:URL/MODEL for a model "
+                          "behind an OpenAI-compatible server "
                           "(default: the embedded SmolLM2-135M-Instruct with the shipped sample LoRA adapter; "
                           "SmolLM2-135M-Instruct for the plain model; env CHATBOT_MODEL)"},
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,8 +57,10 @@ class GenerationOptions:
 
 class Engine(Protocol):
     """What every backend offers. `count_tokens` counts the prompt as the model will see it (a backend without a
-    local tokenizer estimates, and says so in its docstring); `context_tokens` is the prompt + reply budget."""
+    local tokenizer estimates, and says so in its docstring); `context_tokens` is the prompt + reply budget;
+    `backend` says what runs the model, for people ("onnx int4", "transformers cpu float32", "openai URL")."""
     name: str
+    backend: str
     profile: ModelProfile
     context_tokens: int
 
@@ -104,6 +107,33 @@ def time_limit(options: GenerationOptions, stop: threading.Event) -> Iterator[No
     finally:
         if timer:
             timer.cancel()
+
+
+class FairLock:
+    """A lock that is handed to its waiters in the order they asked for it (threading.Lock lets any waiter win,
+    so one session could wait behind many that came later)."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._waiting: deque[threading.Event] = deque()
+        self._held = False
+
+    def __enter__(self) -> FairLock:
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return self
+            turn = threading.Event()
+            self._waiting.append(turn)
+        turn.wait()  # release() handed the lock to us
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._guard:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._held = False
 
 
 class LoopCheck:

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from chatbot.chat_format import Message, render_prompt
-from chatbot.engine import GenerationOptions, LoopCheck, Usage, fit, time_limit
+from chatbot.engine import FairLock, GenerationOptions, LoopCheck, Usage, fit, time_limit
 from chatbot.models import ModelProfile, load_model, model_profile
 
 
@@ -60,9 +60,10 @@ class TransformersEngine:
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.eos_token_ids = sorted(i for i in eos if i is not None)
-        # One generation at a time (a small CPU has no room for two, and a fast tokenizer must not be used from
-        # two threads at once); requests that need no generation (refusals, quotes, errors) never wait for it.
-        self.lock = threading.Lock()
+        # One generation at a time, in arrival order (a small CPU has no room for two, and a fast tokenizer must not
+        # be used from two threads at once); requests that need no generation (refusals, quotes) never wait for it.
+        self.lock = FairLock()
+        self.backend = f"transformers {model.device.type} {str(model.dtype).removeprefix('torch.')}"
 
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, context_tokens: int = 2048

@@ -154,11 +154,13 @@ class OnnxEngine:
     """The `onnx` backend (see the module's docstring). Prompts are rendered with the model's own chat template
     through its transformers tokenizer, exactly as the other backends and fine-tuning render them."""
 
-    def __init__(self, folder: Path, name: str, context_tokens: int = 2048, profile: ModelProfile | None = None):
+    def __init__(self, folder: Path, name: str, context_tokens: int = 2048, profile: ModelProfile | None = None,
+                 precision: str = ""):
         import onnxruntime_genai as og
         from transformers import AutoTokenizer
 
         self.og, self.folder, self.name = og, folder, name
+        self.backend = f"onnx {precision}".strip()
         self.profile = profile or ModelProfile()
         config = og.Config(str(folder))
         # onnxruntime picked one thread on this 2-core machine; with all of them, prefill takes half the time and
@@ -198,7 +200,7 @@ class OnnxEngine:
                                      "or choose --backend transformers.") from err
         folder = compile_model(model, precision)
         name = DEFAULT_NAME if not model else model
-        return cls(folder, name, context_tokens, model_profile(name, model))
+        return cls(folder, name, context_tokens, model_profile(name, model), precision)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         with self.tokenizer_lock:

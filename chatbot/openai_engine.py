@@ -57,6 +57,7 @@ class OpenAIEngine:
     def __init__(self, client, model: str, context_tokens: int = 2048, profile: ModelProfile | None = None):
         self.client, self.model = client, model
         self.name = model
+        self.backend = f"openai {client.base_url}"
         self.profile = profile or ModelProfile()
         self.context_tokens = context_tokens
 

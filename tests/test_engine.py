@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
 from chatbot.chat_format import render_prompt
-from chatbot.engine import GenerationOptions, PromptTooLongError, Usage, trim_history
+from chatbot.engine import FairLock, GenerationOptions, PromptTooLongError, Usage, trim_history
 from chatbot.hf_engine import StopOnLoop
 from chatbot.hf_engine import TransformersEngine as Engine
 from tests.tiny import tiny_model
@@ -158,3 +159,22 @@ def test_a_model_that_repeats_itself_is_stopped(tokenizer):
                                                                       usage=usage))
     assert set(reply.replace(" ", "")) == {"a"}
     assert usage.completion_tokens == 24, "three times the 8-token window, not max_new_tokens"
+
+
+def test_waiting_requests_get_the_engine_in_arrival_order():
+    lock, order = FairLock(), []
+
+    def take(number: int) -> None:
+        with lock:
+            order.append(number)
+
+    threads = []
+    with lock:  # another request's answer holds the engine; five more arrive one after another
+        for number in range(5):
+            threads.append(threading.Thread(target=take, args=(number,)))
+            threads[-1].start()
+            while len(lock._waiting) < number + 1:  # queued before the next one arrives
+                time.sleep(0.001)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert order == [0, 1, 2, 3, 4]

@@ -6,6 +6,7 @@ The onnx tests compile a tiny random model (heads of 16, the smallest the runtim
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -67,6 +68,8 @@ def test_sessions_decoded_together_get_what_each_gets_alone(onnx_engine):
 def test_stop_ends_only_its_own_session(onnx_engine):
     options = GenerationOptions(max_new_tokens=60)
     alone = {prompt: "".join(onnx_engine.stream(user(prompt), options)) for prompt in PROMPTS[:4]}
+    take = onnx_engine._take  # 5 ms a token, so that Stop arrives while the reply is being written
+    onnx_engine._take = lambda request, event: time.sleep(0.005) or take(request, event)
     stop = threading.Event()
     results: dict[str, str] = {}
 
@@ -89,9 +92,11 @@ def test_stop_ends_only_its_own_session(onnx_engine):
 
 
 def test_the_time_limit_cuts_an_onnx_answer(onnx_engine):
+    take = onnx_engine._take  # 10 ms a token: 200 tokens would take 2 s
+    onnx_engine._take = lambda request, event: time.sleep(0.01) or take(request, event)
     usage = Usage()
     "".join(onnx_engine.stream(user("hello"), GenerationOptions(max_new_tokens=200, min_new_tokens=200,
-                                                               time_limit=0.0001), usage=usage))
+                                                               time_limit=0.3), usage=usage))
     assert 0 < usage.completion_tokens < 200
 
 
@@ -235,3 +240,30 @@ def test_sixteen_sessions_at_once_through_the_app(onnx_engine):
         jobs = [(prompt, Client(url, verbose=False).submit(prompt, [], api_name="/chat")) for prompt in asked]
         answers = [(prompt, job.result(timeout=120)) for prompt, job in jobs]
     assert all(answer["answer"] == expected[prompt] for prompt, answer in answers), "each session gets its own"
+
+
+def test_api_callers_share_the_uis_limits(engine):
+    from app import Access
+    from chatbot.openai_api import ApiError, Gate
+
+    gate = Gate(concurrency=1, max_waiting=1)
+    gate.enter()  # one request inside
+    waiter = threading.Thread(target=gate.enter)
+    waiter.start()
+    while gate.waiting < 1:
+        threading.Event().wait(0.001)
+    with pytest.raises(ApiError) as busy:  # one waiting: the next is refused at once
+        gate.enter()
+    assert busy.value.status == 429 and busy.value.code == "server_busy"
+    gate.leave()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "the waiting request got in when the first left"
+
+    demo = build_app(Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256)),
+                     access=Access(public=True, requests_per_minute=2))
+    with launched(demo) as url:
+        client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+        for _ in range(2):
+            client.chat.completions.create(model="tiny", messages=user("hi"))
+        with pytest.raises(openai.RateLimitError, match="at most 2 a minute"):
+            client.chat.completions.create(model="tiny", messages=user("hi"))
