@@ -220,7 +220,12 @@ class ChatApp:
         retriever = self.assistant.retriever
         if retriever is None:
             return []
+        retriever.sync()  # with what `python -m knowledge add` or another process committed meanwhile
         return [[source, meta["chunks"], meta["added"]] for source, meta in sorted(retriever.kb.sources.items())]
+
+    def shown_sources(self) -> tuple[list, dict]:
+        """The document list and the removal choices, as they are now (each time the page is opened)."""
+        return self.sources_table(), self._choices()
 
     def is_admin(self, request: gr.Request, profile: gr.OAuthProfile | None = None) -> bool:
         if not self.access.public:
@@ -356,6 +361,8 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
         remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private")
         gr.api(chat, api_name="chat")
         demo.unload(app.forget)
+        if index is not None:
+            demo.load(app.shown_sources, None, [table, chosen], api_visibility="private", queue=False)
     # A bounded queue: past MAX_QUEUE waiting requests a visitor is told the app is busy instead of waiting forever.
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
     # The OpenAI-compatible API joins the server when it starts (`launch`), with the same limits.

@@ -134,15 +134,20 @@ def _read_csv(data: bytes) -> list[Block]:
     return [_qa_block(row, f"row {number}") for number, row in enumerate(rows, 2)]
 
 
+def check_size(path: Path, max_bytes: int) -> None:
+    """LoadError for a file larger than `max_bytes`, found from its size alone (nothing is read)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise LoadError(f"too large ({size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB)")
+
+
 def load_file(path: Path, source: str | None = None, max_bytes: int = 50 * 2**20) -> Document:
     """Read `path` into a Document; raise LoadError for anything that cannot be indexed."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise LoadError(f"unsupported file type '{suffix}' (supported: {' '.join(sorted(SUFFIXES))})")
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise LoadError(f"too large ({size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB)")
+        check_size(path, max_bytes)
         data = path.read_bytes()
     except OSError as err:
         raise LoadError(f"cannot read ({err.strerror or err})") from err

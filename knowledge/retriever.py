@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from knowledge.lexical import LexicalIndex, tokenize
 from knowledge.store import IndexError_, KnowledgeBase
 
 MODES = ("fused", "dense", "lexical")
+CHECK_EVERY = 2.0  # seconds between checks for changes committed by other processes
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Retriever:
         # Held by every search and around every change (`with retriever.lock: kb.add(...); retriever.refresh()`),
         # so that no search sees half of an update when several requests run at once.
         self.lock = threading.RLock()
+        self.checked = time.monotonic()  # when the folder was last checked for other processes' changes
 
     @classmethod
     def open(cls, folder: Path, embedding_model: str | None = None,
@@ -79,8 +82,21 @@ class Retriever:
         """Rebuild the in-memory BM25 index after the knowledge base changed."""
         self.lexical = LexicalIndex(self.kb.tokens, [c.indexed_text for c in self.kb.chunks])
 
+    def sync(self) -> bool:
+        """Pick up what another process (`python -m knowledge add`, a second app) committed, at most every
+        CHECK_EVERY seconds; True if the index changed."""
+        with self.lock:
+            if time.monotonic() - self.checked < CHECK_EVERY:
+                return False
+            self.checked = time.monotonic()
+            if not self.kb.reload():
+                return False
+            self.refresh()
+            return True
+
     def search(self, query: str, k: int = 5, mode: str = "fused", language: str | None = None) -> list[Hit]:
         with self.lock:
+            self.sync()
             return self._search(query, k, mode, language)
 
     def _search(self, query: str, k: int, mode: str, language: str | None) -> list[Hit]:

@@ -40,7 +40,7 @@ from knowledge.chunking import Chunk, chunk_document
 from knowledge.config import KnowledgeConfig
 from knowledge.embedder import EMBEDDED_NAME, Embedder
 from knowledge.lexical import tokenize
-from knowledge.loaders import LoadError, find_files, load_file
+from knowledge.loaders import LoadError, check_size, find_files, load_file
 
 FORMAT_VERSION = 1
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"  # the bilingual documents the app starts with
@@ -67,8 +67,33 @@ class Report:
         return out
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _file_digest(path: Path, max_bytes: int) -> str:
+    """SHA-256 of a file read in blocks, after its size is checked (a huge file is refused unread)."""
+    check_size(path, max_bytes)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _file_lock(folder: Path, kind: int) -> Iterator[None]:
+    """flock on `folder/.lock`: LOCK_EX for a writer, LOCK_SH for a reader of a committed generation."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a")  # noqa: SIM115 (closed below)
+    except OSError:
+        if kind == fcntl.LOCK_EX:
+            raise
+        yield  # a read-only index: nobody writes to it, there is nothing to wait for
+        return
+    with lock:
+        fcntl.flock(lock, kind)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -94,10 +119,15 @@ def build_faiss(vectors: np.ndarray, approximate_after: int) -> faiss.Index:
 
 class KnowledgeBase:
     def __init__(self, folder: Path, config: KnowledgeConfig, chunks: list[Chunk], tokens: list[list[str]],
-                 vectors: np.ndarray, index: faiss.Index, sources: dict[str, dict], embedder_name: str):
+                 vectors: np.ndarray, index: faiss.Index, sources: dict[str, dict], embedder_name: str,
+                 generation: str | None = None):
         self.folder, self.config = folder, config
         self.chunks, self.tokens, self.vectors, self.index = chunks, tokens, vectors, index
         self.sources, self.embedder_name = sources, embedder_name
+        # The committed generation this copy holds; None for a fresh one (`build`), whose first write replaces
+        # whatever is there instead of merging with it.
+        self.generation = generation
+        self.replaces = False
 
     # ----- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -109,8 +139,18 @@ class KnowledgeBase:
             if not create:
                 raise IndexError_(f"{folder} holds no index; build one with `python -m knowledge build DOCS "
                                   f"--index {folder}`")
-            return cls.fresh(folder, config)
-        generation = folder / current.read_text().strip()
+            return cls.fresh(folder, config, replaces=False)  # merges with whatever another process commits first
+        with _file_lock(folder, fcntl.LOCK_SH):  # no writer deletes the generation while it is read
+            kb = cls(folder, *cls._read(folder, current.read_text().strip()))
+        if config is not None and config.embedding_model not in (None, kb.config.embedding_model):
+            raise IndexError_(f"the index in {folder} was built with the embedder '{kb.embedder_name}', not "
+                              f"'{config.embedding_model}'; rebuild it with `python -m knowledge build`")
+        return kb
+
+    @staticmethod
+    def _read(folder: Path, name: str) -> tuple:
+        """The constructor's arguments after `folder`, from the committed generation `name`."""
+        generation = folder / name
         try:
             manifest = json.loads((generation / "manifest.json").read_text())
             rows = [json.loads(line) for line in (generation / "chunks.jsonl").read_text().splitlines()]
@@ -121,20 +161,43 @@ class KnowledgeBase:
         if not (len(rows) == len(vectors) == index.ntotal == manifest["chunks"]):
             raise IndexError_(f"the index in {folder} is inconsistent: {len(rows)} chunks, {len(vectors)} vectors, "
                               f"{index.ntotal} in FAISS; rebuild it")
-        saved = KnowledgeConfig.saved(manifest["config"])
-        if config is not None and config.embedding_model not in (None, saved.embedding_model):
-            raise IndexError_(f"the index in {folder} was built with the embedder '{manifest['embedder']}', not "
-                              f"'{config.embedding_model}'; rebuild it with `python -m knowledge build`")
         tokens = [row.pop("tokens") for row in rows]
         chunks = [Chunk(**row) for row in rows]
-        return cls(folder, saved, chunks, tokens, vectors, index, manifest["sources"], manifest["embedder"])
+        return (KnowledgeConfig.saved(manifest["config"]), chunks, tokens, vectors, index, manifest["sources"],
+                manifest["embedder"], name)
 
     @classmethod
-    def fresh(cls, folder: Path, config: KnowledgeConfig | None = None) -> KnowledgeBase:
+    def fresh(cls, folder: Path, config: KnowledgeConfig | None = None, replaces: bool = True) -> KnowledgeBase:
         """An empty knowledge base whose first write replaces whatever index `folder` holds (`build`)."""
         config = config or KnowledgeConfig()
-        return cls(Path(folder).expanduser(), config, [], [], np.zeros((0, 0), np.float32), faiss.IndexFlatIP(1),
-                   {}, config.embedding_model or EMBEDDED_NAME)
+        kb = cls(Path(folder).expanduser(), config, [], [], np.zeros((0, 0), np.float32), faiss.IndexFlatIP(1),
+                 {}, config.embedding_model or EMBEDDED_NAME)
+        kb.replaces = replaces
+        return kb
+
+    def reload(self) -> bool:
+        """Take the latest committed state if another process (or another KnowledgeBase on the same folder)
+        changed it since this one was read or written; True if it did. Cheap when nothing changed: one small
+        file is read."""
+        if not (self.folder / "CURRENT").is_file() or self._committed() == self.generation:
+            return False
+        with _file_lock(self.folder, fcntl.LOCK_SH):
+            return self._take_latest()
+
+    def _committed(self) -> str | None:
+        try:
+            return (self.folder / "CURRENT").read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def _take_latest(self) -> bool:
+        """Load the committed generation if it is not the one held (the caller holds the folder's lock)."""
+        name = self._committed()
+        if name is None or name == self.generation:
+            return False
+        (self.config, self.chunks, self.tokens, self.vectors, self.index, self.sources, self.embedder_name,
+         self.generation) = self._read(self.folder, name)
+        return True
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -152,7 +215,7 @@ class KnowledgeBase:
             if on_progress:
                 on_progress(0.5 * i / max(len(files), 1), f"reading {source}")
             try:
-                digest = _file_digest(path)
+                digest = _file_digest(path, int(self.config.max_file_mb * 2**20))
                 if self.sources.get(source, {}).get("sha256") == digest:
                     report.unchanged.append(source)
                     continue
@@ -166,22 +229,31 @@ class KnowledgeBase:
             new_sources[source] = {"path": str(path.resolve()), "sha256": digest, "chunks": len(chunks),
                                    "added": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if new_chunks:
-            self._write(self._replace(new_chunks, new_sources, embedder, progress, on_progress))
+            # Embedding, the slow part, needs no lock; the merge with the latest committed state does (below).
+            fresh, vectors, tokens = self._embed(new_chunks, embedder, progress, on_progress)
+            with self._locked():
+                if not self.replaces:  # another process may have committed since this copy was read: no lost update
+                    self._take_latest()
+                keep = [i for i, c in enumerate(self.chunks) if c.source not in new_chunks]
+                self._write(keep, fresh, vectors, tokens, self.sources | new_sources)
         report.chunks = len(self.chunks)
         return report
 
     def remove(self, sources: list[str]) -> list[str]:
-        """Drop the chunks of `sources`; returns those that were there."""
-        present = [s for s in sources if s in self.sources]
-        if present:
-            keep = [i for i, c in enumerate(self.chunks) if c.source not in present]
-            remaining = {s: meta for s, meta in self.sources.items() if s not in present}
-            self._write((keep, [], np.zeros((0, self.vectors.shape[1]), np.float32), [], remaining))
+        """Drop the chunks of `sources` from the latest committed state; returns those that were there."""
+        with self._locked():
+            if not self.replaces:
+                self._take_latest()
+            present = [s for s in sources if s in self.sources]
+            if present:
+                keep = [i for i, c in enumerate(self.chunks) if c.source not in present]
+                remaining = {s: meta for s, meta in self.sources.items() if s not in present}
+                self._write(keep, [], np.zeros((0, self.vectors.shape[1]), np.float32), [], remaining)
         return present
 
-    def _replace(self, new_chunks: dict[str, list[Chunk]], new_sources: dict[str, dict], embedder: Embedder,
-                 progress: bool, on_progress: Callable[[float, str], None] | None) -> tuple:
-        keep = [i for i, c in enumerate(self.chunks) if c.source not in new_chunks]
+    def _embed(self, new_chunks: dict[str, list[Chunk]], embedder: Embedder, progress: bool,
+               on_progress: Callable[[float, str], None] | None) -> tuple:
+        """(chunks, their vectors, their BM25 terms) of the new and changed files."""
         reusable = {c.id: i for i, c in enumerate(self.chunks)}  # unchanged chunks of a changed file
         fresh = [c for chunks in new_chunks.values() for c in chunks]
         to_embed = [c for c in fresh if c.id not in reusable]
@@ -192,11 +264,11 @@ class KnowledgeBase:
         vectors = np.stack([by_id[c.id] if c.id in by_id else self.vectors[reusable[c.id]] for c in fresh]) \
             if fresh else np.zeros((0, embedder.dimension), np.float32)
         tokens = [tokenize(c.indexed_text) for c in fresh]
-        return keep, fresh, vectors, tokens, self.sources | new_sources
+        return fresh, vectors, tokens
 
-    def _write(self, change: tuple) -> None:
-        """Make (kept rows + new chunks) the new live generation, atomically."""
-        keep, fresh, fresh_vectors, fresh_tokens, sources = change
+    def _write(self, keep: list[int], fresh: list[Chunk], fresh_vectors: np.ndarray, fresh_tokens: list[list[str]],
+               sources: dict[str, dict]) -> None:
+        """Make (kept rows + new chunks) the new live generation, atomically; the caller holds the lock."""
         chunks = [self.chunks[i] for i in keep] + fresh
         tokens = [self.tokens[i] for i in keep] + fresh_tokens
         dimension = fresh_vectors.shape[1] if len(fresh_vectors) else self.vectors.shape[1]
@@ -205,11 +277,11 @@ class KnowledgeBase:
         index = build_faiss(vectors, self.config.approximate_after) if dimension else faiss.IndexFlatIP(1)
         manifest = {"format": FORMAT_VERSION, "embedder": self.embedder_name, "dimension": int(dimension),
                     "chunks": len(chunks), "config": asdict(self.config), "sources": sources}
-        with self._locked():
-            self._commit_generation(chunks, tokens, vectors, index, manifest)
+        name = self._commit_generation(chunks, tokens, vectors, index, manifest)
         self.chunks, self.tokens, self.vectors, self.index, self.sources = chunks, tokens, vectors, index, sources
+        self.generation, self.replaces = name, False
 
-    def _commit_generation(self, chunks, tokens, vectors, index, manifest) -> None:
+    def _commit_generation(self, chunks, tokens, vectors, index, manifest) -> str:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         staging = self.folder / f"tmp-{name}"
@@ -237,17 +309,11 @@ class KnowledgeBase:
                     shutil.rmtree(stale)
                 except OSError as err:  # the new generation is live; the next write tries again
                     print(f"warning: could not delete the old index generation {stale}: {err}", file=sys.stderr)
+        return name
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One writer at a time (the app and the CLI may share an index)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        """One writer at a time (the app and the CLI may share an index), and no reader while it commits."""
+        return _file_lock(self.folder, fcntl.LOCK_EX)
 
     def _check_embedder(self, embedder: Embedder) -> None:
         if self.chunks and embedder.name != self.embedder_name:

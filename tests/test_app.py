@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 
+import httpx
 import pytest
 from gradio_client import Client
 
@@ -193,3 +195,41 @@ def test_no_request_holds_the_engine_past_the_time_limit(engine):
     with launched(demo) as url:
         answer = Client(url, verbose=False).predict("Tell me a story.", [], api_name="/chat")
     assert answer["mode"] == "chat" and 0 < len(calls) <= unlimited // 2, (len(calls), unlimited)
+
+
+def test_a_cli_add_while_the_app_runs_is_seen_and_kept(tokenizer, docs_index, embedder, tmp_path, monkeypatch):
+    """`python -m knowledge add` in another process while the app is up, then an upload in the app: both
+    documents stay, and the app searches the CLI's without a restart."""
+    from chatbot.hf_engine import TransformersEngine as Engine
+    from knowledge import retriever as retriever_module
+    from knowledge.retriever import Retriever
+    from knowledge.store import KnowledgeBase
+    from tests.test_access import call
+    from tests.tiny import tiny_model
+
+    monkeypatch.setattr(retriever_module, "CHECK_EVERY", 0.5)
+    folder = tmp_path / "index"
+    shutil.copytree(docs_index, folder)
+    retriever = Retriever(KnowledgeBase.open(folder), embedder)
+    assistant = Assistant(Engine(tiny_model(tokenizer), tokenizer, "tiny", 256),
+                          ChatConfig(max_new_tokens=4, context_tokens=256), retriever)
+    (tmp_path / "cli.md").write_text("# Zanzibar\n\nThe Pemba cooperative grows cloves on Zanzibar.\n")
+    demo = build_app(assistant)
+    functions = {fn.fn.__name__: i for i, fn in enumerate(demo.fns.values()) if fn.fn}
+    with launched(demo) as url:
+        added = subprocess.run([sys.executable, "-m", "knowledge", "add", str(tmp_path / "cli.md"), "--index",
+                                str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                               env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        assert added.returncode == 0, added.stderr
+        deadline = time.time() + 10
+        while not (hits := retriever.search("Pemba cooperative cloves", k=1)) or hits[0].chunk.source != "cli.md":
+            assert time.time() < deadline, "the app did not see the CLI's document"
+            time.sleep(0.2)
+
+        base = url + "gradio_api"
+        sent = httpx.post(f"{base}/upload", files={"files": ("app.md", b"# Troms\n\nAuroras over Troms in February.")})
+        uploaded = {"path": sent.json()[0], "orig_name": "app.md", "meta": {"_type": "gradio.FileData"}}
+        assert call(base, functions["upload"], [[uploaded]], "someone")["success"]
+    on_disk = KnowledgeBase.open(folder).sources
+    assert "cli.md" in on_disk and any(source.endswith("app.md") for source in on_disk), sorted(on_disk)
+    assert retriever.search("Auroras over Troms", k=1)[0].chunk.source.endswith("app.md")

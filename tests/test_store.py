@@ -168,3 +168,40 @@ def test_opening_a_missing_or_inconsistent_index_fails_clearly(tmp_path, docs, t
     os.remove(generation / "dense.faiss")
     with pytest.raises(IndexError_, match="cannot be read"):
         KnowledgeBase.open(index, create=False)
+
+
+def test_two_writers_on_one_folder_lose_nothing_and_readers_catch_up(tmp_path, docs, tiny_embedder, monkeypatch):
+    from knowledge import retriever as retriever_module
+    from knowledge.retriever import Retriever
+
+    folder = tmp_path / "index"
+    KnowledgeBase.open(folder).add([docs], tiny_embedder, progress=False)
+    app, cli = KnowledgeBase.open(folder), KnowledgeBase.open(folder)  # two processes' copies of the same state
+    searcher = Retriever(app, tiny_embedder)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "cli.md").write_text("# Zanzibar\n\nThe Pemba cooperative grows cloves on Zanzibar.\n")
+    (extra / "app.md").write_text("# Tromsø\n\nThe northern lights over Tromsø are brightest in February.\n")
+    cli.add([extra / "cli.md"], tiny_embedder, progress=False)
+    app.add([extra / "app.md"], tiny_embedder, progress=False)  # written from a copy that predates cli.md
+    on_disk = KnowledgeBase.open(folder).sources
+    assert {"cli.md", "app.md"} <= set(on_disk), "the second writer dropped the first one's document"
+    assert len(KnowledgeBase.open(folder)) == len(app)
+
+    cli.remove(["app.md"])
+    monkeypatch.setattr(retriever_module, "CHECK_EVERY", 0.0)
+    searcher.refresh()  # (the app refreshes its BM25 index after its own write)
+    assert searcher.search("Tromsø northern lights", k=1, mode="lexical") == [], "the removal is seen"
+    assert searcher.search("Pemba cooperative cloves", k=1, mode="lexical")[0].chunk.source == "cli.md"
+    assert "app.md" not in app.sources
+
+
+def test_a_file_over_the_limit_is_refused_before_it_is_read(tmp_path, tiny_embedder, monkeypatch):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(3 * 2**20)  # 3 MB of nothing
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    monkeypatch.setattr("knowledge.store.hashlib.sha256", lambda *args: pytest.fail("a digest was computed"))
+    report = KnowledgeBase.open(tmp_path / "index", KnowledgeConfig(max_file_mb=1)).add([big], tiny_embedder,
+                                                                                      progress=False)
+    assert report.skipped and "too large" in report.skipped[0][1]
