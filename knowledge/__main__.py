@@ -59,7 +59,7 @@ def cmd_build_or_add(args: argparse.Namespace, config: KnowledgeConfig, folder: 
     from knowledge.embedder import Embedder
     from knowledge.store import KnowledgeBase
 
-    embedder = Embedder(config.embedding_model)
+    embedder = Embedder.for_config(config)
     kb = KnowledgeBase.open(folder, config) if args.command == "add" else KnowledgeBase.fresh(folder, config)
     report = kb.add(args.paths, embedder)
     for line in report.lines():
@@ -73,7 +73,7 @@ def cmd_search(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) 
     from knowledge.store import KnowledgeBase
 
     kb = KnowledgeBase.open(folder, config, create=False)
-    retriever = Retriever(kb, Embedder(kb.config.embedding_model), args.dense_languages)
+    retriever = Retriever(kb, Embedder.for_config(kb.config), args.dense_languages)
     hits = retriever.search(args.query, k=args.k, mode=args.mode)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace, config: KnowledgeConfig, folder: Path
     from knowledge.retriever import Retriever
     from knowledge.store import BUNDLED_CORPUS, KnowledgeBase
 
-    embedder = Embedder(config.embedding_model)
+    embedder = Embedder.for_config(config)
     with tempfile.TemporaryDirectory() as scratch:
         if folder is None:
             kb = KnowledgeBase.fresh(Path(scratch), config)

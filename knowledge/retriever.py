@@ -66,7 +66,7 @@ class Retriever:
         kb = KnowledgeBase.open(folder, create=False)
         if embedding_model and embedding_model != kb.embedder_name:
             raise IndexError_(f"the index in {folder} was built with '{kb.embedder_name}', not '{embedding_model}'")
-        return cls(kb, Embedder(kb.config.embedding_model), dense_languages)
+        return cls(kb, Embedder.for_config(kb.config), dense_languages)
 
     def uses_dense(self, language: str) -> bool:
         """Whether the embedder's similarity counts for queries in `language`."""

@@ -109,3 +109,28 @@ def test_cli_build_search_list_stats_remove(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     result = run_cli("search", "x", "--index", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "holds no index" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_onnx_int8_embedder_agrees_with_torch_and_is_kept_with_its_index(embedder, tmp_path):
+    import numpy as np
+
+    from knowledge.config import KnowledgeConfig
+    from knowledge.embedder import Embedder
+    from knowledge.store import IndexError_
+
+    fast = Embedder(backend="onnx")
+    texts = ["LoRA freezes the base weights and trains two small matrices.", "Early stopping ends training.",
+             "困惑度是语言模型的评估指标。", "short"]
+    cosine = (fast.encode(texts) * embedder.encode(texts)).sum(axis=1)
+    assert cosine.min() > 0.95, cosine
+    assert fast.name == "all-MiniLM-L6-v2 (onnx int8)"
+
+    folder = tmp_path / "index"
+    config = KnowledgeConfig(embedding_backend="onnx")
+    KnowledgeBase.open(folder, config).add([write_docs(tmp_path / "docs")], fast, progress=False)
+    retriever = Retriever.open(folder)  # queries embedded by the variant that built the index
+    assert retriever.embedder.name == fast.name
+    assert retriever.search("What does dropout do?", k=1, mode="dense")[0].chunk.source == "en/dropout.md"
+    with pytest.raises(IndexError_, match="onnx int8"):
+        KnowledgeBase.open(folder).add([write_docs(tmp_path / "more")], embedder, progress=False)
+    assert np.isfinite(fast.encode(["x"])).all()
