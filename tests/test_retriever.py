@@ -134,3 +134,16 @@ def test_the_onnx_int8_embedder_agrees_with_torch_and_is_kept_with_its_index(emb
     with pytest.raises(IndexError_, match="onnx int8"):
         KnowledgeBase.open(folder).add([write_docs(tmp_path / "more")], embedder, progress=False)
     assert np.isfinite(fast.encode(["x"])).all()
+
+
+def test_the_pydoc_evaluation_set_matches_the_corpus_it_is_asked_of(tmp_path):
+    from knowledge.eval.external import PYDOC_QUESTIONS, write_pydoc
+    from knowledge.evaluate import read_jsonl
+
+    corpus = write_pydoc(tmp_path / "pydoc")
+    questions = read_jsonl(PYDOC_QUESTIONS)
+    assert len(questions) >= 30 and len(list(corpus.glob("*.txt"))) > 50
+    for question in questions:
+        listed = question["source"] if isinstance(question["source"], list) else [question["source"]]
+        holding = sorted(p.name for p in corpus.glob("*.txt") if question["key_phrase"] in p.read_text())
+        assert holding == sorted(listed), question["question"]  # every file that holds the answer, and only those
