@@ -146,7 +146,9 @@ class Turn:
             text = "".join(self.pieces).strip()
             self._final = self._finish(text) if self._finish else (text, self.mode)
         text, mode = self._final
-        sources = []
+        # Without passages of its own, an answer written by another instance of this app (the `openai` backend)
+        # carries the passages that instance cited, numbered as in its text.
+        sources = [] if self.grounding is not None else list(self.usage.sources)
         if self.grounding is not None:
             cited = cited_numbers(text)
             for passage, hit in zip(self.grounding.passages, self.grounding.hits, strict=True):

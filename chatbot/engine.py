@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from chatbot.chat_format import Message
@@ -43,6 +43,8 @@ class Usage:
     """Token counts of one generation, filled in by `Engine.stream` when it ends (as the OpenAI API reports)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated ids, the end-of-turn token included when one was generated
+    # Passages the server cited, when the `openai` backend talks to another instance of this app (its `sources`)
+    sources: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from chatbot.assistant import Assistant, Turn
 from chatbot.chat_format import message_text
 from chatbot.engine import PromptTooLongError
+from chatbot.prompts import question_of
 
 API_KEY_ENV = "CHATBOT_API_KEY"
 
@@ -130,7 +131,8 @@ def parse_request(body: object, assistant: Assistant, served: str) -> tuple[Assi
     options = body.get("stream_options") or {}
     stream = {"stream": bool(body.get("stream")), "usage": isinstance(options, dict) and
               bool(options.get("include_usage"))}
-    return chosen, history[:-1], history[-1]["content"], stream
+    # An instance of this app using this one as its model adds a reply-language line; the turn adds its own.
+    return chosen, history[:-1], question_of(history[-1]["content"]), stream
 
 
 def _finish_reason(turn: Turn, max_new_tokens: int) -> str:

@@ -108,6 +108,9 @@ class OpenAIEngine:
                         reported = True
                         usage.prompt_tokens = chunk.usage.prompt_tokens
                         usage.completion_tokens = chunk.usage.completion_tokens
+                    fields = chunk.model_extra or {}
+                    if isinstance(fields.get("sources"), list):  # another instance of this app cites its documents
+                        usage.sources = fields["sources"]
                     for choice in chunk.choices:
                         if choice.delta and choice.delta.content:
                             pieces += 1

@@ -91,6 +91,15 @@ def language_instruction(language: str) -> str:
     return "" if language == "en" else f"Answer in {language_name(language)}."
 
 
+_INSTRUCTION_AT_END = re.compile(r"\n\n\(Answer in [^\n]+\.\)$")
+
+
+def question_of(user_message: str) -> str:
+    """The question inside a user turn written by `user_turn` without passages (another instance of this app,
+    using this one as its model, sends its questions so): the reply-language line at the end removed."""
+    return _INSTRUCTION_AT_END.sub("", user_message)
+
+
 # How `user_turn` shows a passage: "[n] label", then the text between lines of three double quotes.
 _SHOWN_PASSAGE = re.compile(r'^\[(\d{1,2})\] ([^\n]*)\n"""\n(.*?)\n"""$', re.MULTILINE | re.DOTALL)
 

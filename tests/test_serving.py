@@ -204,6 +204,10 @@ def test_the_api_streams_an_answer_with_its_sources(served_with_index_url):
     final = chunks[-1].model_extra
     assert final["mode"] == "extractive" and final["sources"][0]["source"] == "zh/困惑度.md"
     assert "[1]" in "".join(c.choices[0].delta.content or "" for c in chunks)
+    # A second instance without documents, answering through this one, shows the passages it cited.
+    remote = OpenAIEngine.connect(f"openai:{served_with_index_url}v1", context_tokens=512)
+    answer = Assistant(remote, ChatConfig(max_new_tokens=8, context_tokens=512)).ask("困惑度怎么计算？")
+    assert "[1]" in answer.text and answer.sources[0]["source"] == "zh/困惑度.md"
 
 
 @pytest.fixture
