@@ -173,7 +173,11 @@ def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[
             except ValueError as err:
                 raise ApiError(400, "The request body is not valid JSON.") from err
             chosen, history, question, stream = parse_request(body, assistant, served)
-            client = request.headers.get("authorization") or (request.client.host if request.client else "?")
+            # Per caller, as the UI limits per browser session: behind a proxy (a Space) the address the proxy saw,
+            # the last one forwarded (a caller can only prepend others), else the peer; not the key, which every
+            # caller of a deployment shares.
+            forwarded = request.headers.get("x-forwarded-for", "").split(",")[-1].strip()
+            client = forwarded or (request.client.host if request.client else "?")
             if (refusal := admit(f"api:{client}")) is not None:
                 raise ApiError(429, refusal, "rate_limit_error", code="rate_limit_exceeded")
             await run_in_threadpool(gate.enter)
