@@ -205,3 +205,22 @@ def test_a_file_over_the_limit_is_refused_before_it_is_read(tmp_path, tiny_embed
     report = KnowledgeBase.open(tmp_path / "index", KnowledgeConfig(max_file_mb=1)).add([big], tiny_embedder,
                                                                                       progress=False)
     assert report.skipped and "too large" in report.skipped[0][1]
+
+
+def test_adding_a_file_extends_the_hnsw_graph_instead_of_rebuilding_it(tmp_path, docs, tiny_embedder, monkeypatch):
+    import knowledge.store as store
+
+    folder = tmp_path / "index"
+    KnowledgeBase.open(folder, KnowledgeConfig(approximate_after=2)).add([docs], tiny_embedder, progress=False)
+    kb = KnowledgeBase.open(folder)
+    assert isinstance(kb.index, faiss.IndexHNSWFlat)
+    (tmp_path / "new.md").write_text("# Zanzibar\n\nThe Pemba cooperative grows cloves on Zanzibar.\n")
+    monkeypatch.setattr(store, "build_faiss", lambda *args: pytest.fail("the graph was rebuilt for an append"))
+    kb.add([tmp_path / "new.md"], tiny_embedder, progress=False)
+    reopened = consistent(folder)
+    assert isinstance(reopened.index, faiss.IndexHNSWFlat) and reopened.index.ntotal == len(reopened.chunks)
+    row = next(i for i, c in enumerate(reopened.chunks) if c.source == "new.md")
+    assert reopened.index.search(reopened.vectors[row:row + 1], 1)[1][0][0] == row
+    monkeypatch.undo()
+    kb.remove(["new.md"])  # a removal renumbers the rows: rebuilt
+    assert consistent(folder).index.ntotal == len(kb.chunks)
