@@ -47,11 +47,10 @@ from knowledge.store import BUNDLED_CORPUS, scratch_knowledge_base  # noqa: E402
 QUESTION = "How does LoRA reduce the number of trained parameters, and how is its rank chosen?"
 
 
-def grounded_prompt() -> list[dict]:
+def grounded_prompt(engine) -> list[dict]:
     """The prompt the assistant builds for a document question: system prompt, three passages, the question."""
     embedder = Embedder()
     with scratch_knowledge_base([BUNDLED_CORPUS], embedder) as kb:
-        engine = load_engine(None, "transformers")
         return Assistant(engine, ChatConfig(), Retriever(kb, embedder)).turn([], QUESTION).messages
 
 
@@ -89,8 +88,8 @@ def timed(stream: Callable[[Usage], Iterator[str]]) -> tuple[float, float, float
 
 
 def backend_table(repeat: int, new_tokens: int) -> tuple[str, dict]:
-    prompt = grounded_prompt()
     engines: dict[str, object] = {"transformers fp32": load_engine(None, "transformers")}
+    prompt = grounded_prompt(engines["transformers fp32"])
     for precision in ("int4", "int8", "fp32"):
         engines[f"onnx {precision}"] = load_engine(None, "onnx", precision=precision)
     try:

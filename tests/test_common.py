@@ -151,3 +151,19 @@ def test_the_readme_front_matter_configures_a_space_that_matches_the_pins():
     assert (ROOT / settings["app_file"]).is_file() and settings["python_version"] in ("3.10", "3.12")
     assert len(settings["short_description"]) <= 60
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in settings["models"]
+
+
+def test_built_beside_renames_a_finished_build_and_leaves_nothing_of_a_failed_one(tmp_path):
+    from common.paths import built_beside
+
+    target = tmp_path / "models" / "m"
+    with pytest.raises(RuntimeError), built_beside(target, "config.json") as folder:
+        (folder / "config.json").write_text("{}")
+        raise RuntimeError("the build failed half way")
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+    with built_beside(target, "config.json") as folder:
+        (folder / "config.json").write_text("{}")
+    assert (target / "config.json").is_file()
+    with built_beside(target, "config.json") as folder:  # another process got there first: ours is dropped
+        (folder / "config.json").write_text('{"late": true}')
+    assert (target / "config.json").read_text() == "{}" and [p.name for p in target.parent.iterdir()] == ["m"]
