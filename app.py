@@ -256,10 +256,9 @@ class ChatApp:
         if not files:
             raise gr.Error("Choose one or more files first.")
         self._check_upload(files)
-        with retriever.lock:  # searches of other visitors wait for the whole update, never see half of it
-            report = retriever.kb.add([Path(f) for f in files], retriever.embedder, progress=False,
-                                      on_progress=lambda fraction, text: progress(fraction, desc=text))
-            retriever.refresh()
+        # Searches of other visitors go on meanwhile, on the state before the update; none sees half of it.
+        report = retriever.kb.add([Path(f) for f in files], retriever.embedder, progress=False,
+                                  on_progress=lambda fraction, text: progress(fraction, desc=text))
         return "\n".join(report.lines()), self.sources_table(), self._choices()
 
     def _check_upload(self, files: list[str]) -> None:
@@ -280,9 +279,7 @@ class ChatApp:
         retriever = self.assistant.retriever
         if retriever is None or not sources:
             raise gr.Error("Choose the documents to remove first.")
-        with retriever.lock:
-            removed = retriever.kb.remove(list(sources))
-            retriever.refresh()
+        removed = retriever.kb.remove(list(sources))
         return f"Removed {len(removed)} document(s).", self.sources_table(), self._choices()
 
     def _choices(self) -> dict:

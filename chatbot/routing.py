@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from knowledge.lexical import LexicalIndex, tokenize
+from knowledge.lexical import Vocabulary, tokenize
 from knowledge.retriever import Hit
 
 MAX_UNKNOWN = 0.5
@@ -59,16 +59,16 @@ def is_task(question: str) -> bool:
     return bool(_TASK.search(question)) and not _NAMES_DOCUMENTS.search(question)
 
 
-def unknown_share(question: str, lexical: LexicalIndex) -> float:
+def unknown_share(question: str, lexical: Vocabulary) -> float:
     """The share of the question's IDF weight carried by words that no indexed passage contains."""
     terms = set(tokenize(question))
     total = sum(lexical.idf(t) for t in terms)
     if not total:
         return 0.0
-    return sum(lexical.idf(t) for t in terms if not lexical.document_frequency.get(t)) / total
+    return sum(lexical.idf(t) for t in terms if not lexical.df(t)) / total
 
 
-def decide(question: str, hits: list[Hit], lexical: LexicalIndex, min_relevance: float,
+def decide(question: str, hits: list[Hit], lexical: Vocabulary, min_relevance: float,
            max_unknown: float = MAX_UNKNOWN) -> Route:
     """`hits` are the retrieved passages (for a follow-up, searched with the previous question), in any order:
     `chatbot.grounding.ground` puts passages in the user's language first."""

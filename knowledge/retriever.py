@@ -26,9 +26,8 @@ from common.language import detect_language
 from knowledge.chunking import Chunk
 from knowledge.config import DENSE_LANGUAGES
 from knowledge.embedder import Embedder
-from knowledge.fusion import reciprocal_rank_fusion
-from knowledge.lexical import LexicalIndex, tokenize
-from knowledge.store import IndexError_, KnowledgeBase
+from knowledge.lexical import Vocabulary, coverage, tokenize
+from knowledge.store import IndexError_, KnowledgeBase, Store
 
 MODES = ("fused", "dense", "lexical")
 CHECK_EVERY = 2.0  # seconds between checks for changes committed by other processes
@@ -49,13 +48,13 @@ class Hit:
 
 
 class Retriever:
-    def __init__(self, kb: KnowledgeBase, embedder: Embedder, dense_languages: str = DENSE_LANGUAGES):
-        """`dense_languages`: comma-separated query languages the embedder handles ("*" = all)."""
+    def __init__(self, kb: Store, embedder: Embedder, dense_languages: str = DENSE_LANGUAGES):
+        """`kb`: the embedded `KnowledgeBase` or a `knowledge.milvus.MilvusStore`; `dense_languages`:
+        comma-separated query languages the embedder handles ("*" = all)."""
         self.kb, self.embedder = kb, embedder
         self.dense_languages = _language_set(dense_languages)
-        self.lexical = LexicalIndex(kb.tokens, [c.indexed_text for c in kb.chunks])
-        # Held by every search and around every change (`with retriever.lock: kb.add(...); retriever.refresh()`),
-        # so that no search sees half of an update when several requests run at once.
+        # A search uses one committed state of the store from start to end whatever writes do meanwhile; the lock
+        # only keeps the checks for other processes' changes (`sync`) one at a time.
         self.lock = threading.RLock()
         self.checked = time.monotonic()  # when the folder was last checked for other processes' changes
 
@@ -78,9 +77,10 @@ class Retriever:
         other.dense_languages = _language_set(dense_languages)
         return other
 
-    def refresh(self) -> None:
-        """Rebuild the in-memory BM25 index after the knowledge base changed."""
-        self.lexical = LexicalIndex(self.kb.tokens, [c.indexed_text for c in self.kb.chunks])
+    @property
+    def lexical(self) -> Vocabulary:
+        """The collection's term statistics, for relevance and routing."""
+        return self.kb.lexical
 
     def sync(self) -> bool:
         """Pick up what another process (`python -m knowledge add`, a second app) committed, at most every
@@ -89,10 +89,7 @@ class Retriever:
             if time.monotonic() - self.checked < CHECK_EVERY:
                 return False
             self.checked = time.monotonic()
-            if not self.kb.reload():
-                return False
-            self.refresh()
-            return True
+            return self.kb.reload()
 
     def search(self, query: str, k: int = 5, mode: str = "fused", language: str | None = None) -> list[Hit]:
         with self.lock:
@@ -105,34 +102,16 @@ class Retriever:
         if not len(self.kb) or not query.strip():
             return []
         language = language or detect_language(query)
-        terms = tokenize(query)
-        pool = min(len(self.kb), max(50, 10 * k))  # candidates from each retriever before fusion
         use_dense = mode == "dense" or (mode == "fused" and self.uses_dense(language))
-        dense = self._dense(query, pool) if use_dense else {}
-        lexical = self.lexical.search(query, pool) if mode != "dense" else {}
-        if mode == "dense":
-            ranked = sorted(dense.items(), key=lambda item: -item[1])
-        elif mode == "lexical":
-            ranked = sorted(lexical.items(), key=lambda item: -item[1])
-        else:
-            ranked = list(reciprocal_rank_fusion([_best_first(dense), _best_first(lexical)]).items())
+        vector = self.embedder.encode([query]) if use_dense else None
+        terms = tokenize(query)
         hits = []
-        for row, score in ranked[:k]:
-            coverage = self.lexical.coverage(terms, self.kb.tokens[row])
-            cosine = dense.get(row) if self.uses_dense(language) else None
-            hits.append(Hit(self.kb.chunks[row], float(score), max(coverage, cosine or 0.0),
-                            dense.get(row), lexical.get(row)))
+        for found in self.kb.search(query, vector, k, mode):
+            share = coverage(self.kb.lexical, terms, tokenize(found.chunk.indexed_text))
+            cosine = found.dense if self.uses_dense(language) else None
+            hits.append(Hit(found.chunk, found.score, max(share, cosine or 0.0), found.dense, found.lexical))
         return hits
-
-    def _dense(self, query: str, pool: int) -> dict[int, float]:
-        vector = self.embedder.encode([query])
-        scores, rows = self.kb.index.search(vector, pool)
-        return {int(r): float(s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0}
 
 
 def _language_set(codes: str) -> frozenset[str]:
     return frozenset(code.strip() for code in codes.split(",") if code.strip())
-
-
-def _best_first(scores: dict[int, float]) -> list[int]:
-    return sorted(scores, key=lambda row: -scores[row])

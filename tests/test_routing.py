@@ -14,7 +14,7 @@ TEXTS = ["LoRA trains two small low-rank matrices.", "Dropout zeroes activations
 
 
 def index(texts: list[str]) -> LexicalIndex:
-    return LexicalIndex([tokenize(t) for t in texts], texts)
+    return LexicalIndex.of([tokenize(t) for t in texts], texts)
 
 
 def hit(relevance: float) -> Hit:

@@ -1,4 +1,5 @@
-"""The on-disk knowledge base: incremental add/change/remove, persistence, crash safety, HNSW past a size."""
+"""The on-disk knowledge base: incremental add/change/remove in segments, persistence, crash safety, HNSW past a
+size, merging and compaction, consistency between processes, upgrading an index of the earlier format."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import faiss
+import numpy as np
 import pytest
 
 from knowledge.config import KnowledgeConfig
+from knowledge.lexical import LexicalIndex, character_terms, tokenize
 from knowledge.store import IndexError_, KnowledgeBase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +36,15 @@ def docs(tmp_path):
 
 def consistent(folder: Path) -> KnowledgeBase:
     kb = KnowledgeBase.open(folder, create=False)
-    assert len(kb.chunks) == len(kb.vectors) == kb.index.ntotal == len(kb.tokens)
-    assert sum(meta["chunks"] for meta in kb.sources.values()) == len(kb.chunks)
+    for segment in kb.state.segments:
+        assert segment.size == segment.index.ntotal == len(segment.words.lengths) == len(segment.characters.lengths)
+    assert sum(meta["chunks"] for meta in kb.sources.values()) == len(kb) == len(kb.chunks())
+    assert {c.source for c in kb.chunks()} == set(kb.sources)
     return kb
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / (folder / "CURRENT").read_text()).read_text())
 
 
 def test_build_add_change_remove(tmp_path, docs, tiny_embedder):
@@ -44,25 +53,26 @@ def test_build_add_change_remove(tmp_path, docs, tiny_embedder):
     report = kb.add([docs], tiny_embedder, progress=False)
     assert sorted(report.added) == ["lora.md", "rag.md"] and report.chunks == 3
     generation = (index / "CURRENT").read_text()
-    ids = {c.id for c in consistent(index).chunks}
+    ids = {c.id for c in consistent(index).chunks()}
 
     again = KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     assert sorted(again.unchanged) == ["lora.md", "rag.md"] and not again.added
     assert (index / "CURRENT").read_text() == generation, "an unchanged file must not rewrite the index"
-    assert {c.id for c in consistent(index).chunks} == ids
+    assert {c.id for c in consistent(index).chunks()} == ids
 
     (docs / "lora.md").write_text("# LoRA\n\nLoRA freezes the base weights.\n\n## Size\n\nAdapters are tiny.")
     changed = KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     assert changed.updated == ["lora.md"] and changed.unchanged == ["rag.md"]
     kb = consistent(index)
-    texts = [c.text for c in kb.chunks]
+    texts = [c.text for c in kb.chunks()]
     assert "Adapters are tiny." in texts and "Adapters are a few MB." not in texts
-    assert len(ids & {c.id for c in kb.chunks}) == 2, "unchanged chunks keep their ids"
+    assert len(ids & {c.id for c in kb.chunks()}) == 2, "unchanged chunks keep their ids"
 
     assert KnowledgeBase.open(index).remove(["lora.md", "nope.md"]) == ["lora.md"]
     kb = consistent(index)
-    assert {c.source for c in kb.chunks} == {"rag.md"} and list(kb.sources) == ["rag.md"]
+    assert {c.source for c in kb.chunks()} == {"rag.md"} and list(kb.sources) == ["rag.md"]
     assert len(list(index.glob("gen-*"))) == 1, "old generations are cleaned up"
+    assert {p.name for p in index.glob("seg-*")} == {seg.name for seg in kb.state.segments}
 
 
 def test_bad_files_are_skipped_and_the_build_goes_on(tmp_path, docs, tiny_embedder):
@@ -77,17 +87,18 @@ def test_bad_files_are_skipped_and_the_build_goes_on(tmp_path, docs, tiny_embedd
 def test_a_failed_write_leaves_the_previous_index(tmp_path, docs, tiny_embedder, monkeypatch):
     index = tmp_path / "index"
     KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
-    before = [c.id for c in consistent(index).chunks]
+    before = [c.id for c in consistent(index).chunks()]
     (docs / "new.md").write_text("# New\n\nA new document about early stopping.")
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(faiss, "write_index", crash)  # dies half-way through writing the new generation
+    monkeypatch.setattr(faiss, "write_index", crash)  # dies half-way through writing the new segment
     with pytest.raises(OSError, match="disk full"):
         KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     monkeypatch.undo()
-    assert [c.id for c in consistent(index).chunks] == before
+    assert [c.id for c in consistent(index).chunks()] == before
+    monkeypatch.setattr("knowledge.store._alive", lambda name: False)  # as if the writer had died
     KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)  # and the next write cleans up
     assert "new.md" in consistent(index).sources
     assert not list(index.glob("tmp-*"))
@@ -122,37 +133,37 @@ def test_sigkill_during_build_never_leaves_a_broken_index(tmp_path, embedder):
 def test_hnsw_past_the_configured_size(tmp_path, docs, tiny_embedder):
     kb = KnowledgeBase.open(tmp_path / "index", KnowledgeConfig(approximate_after=2))
     kb.add([docs], tiny_embedder, progress=False)
-    assert isinstance(consistent(tmp_path / "index").index, faiss.IndexHNSWFlat)
+    assert [type(s.index) for s in consistent(tmp_path / "index").state.segments] == [faiss.IndexHNSWFlat]
 
 
 def test_the_settings_are_saved_with_the_index(tmp_path, docs, tiny_embedder):
     index = tmp_path / "index"
     KnowledgeBase.open(index, KnowledgeConfig(chunk_tokens=50)).add([docs], tiny_embedder, progress=False)
-    manifest_file = index / (index / "CURRENT").read_text() / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    assert manifest["config"] == asdict(KnowledgeConfig(chunk_tokens=50)) and manifest["embedder"] == "tiny-hash"
-    assert "dense_languages" not in manifest["config"], "a setting of the search is not saved with the index"
+    saved = manifest(index)
+    assert saved["config"] == asdict(KnowledgeConfig(chunk_tokens=50)) and saved["embedder"] == "tiny-hash"
+    assert "dense_languages" not in saved["config"], "a setting of the search is not saved with the index"
     assert KnowledgeBase.open(index).config.chunk_tokens == 50
     # Indexes written before dense_languages moved to the retriever still open.
-    manifest["config"]["dense_languages"] = "en"
-    manifest_file.write_text(json.dumps(manifest))
+    saved["config"]["dense_languages"] = "en"
+    (index / (index / "CURRENT").read_text()).write_text(json.dumps(saved))
     assert KnowledgeBase.open(index, create=False).config.chunk_tokens == 50
 
 
-def test_an_old_generation_that_cannot_be_deleted_is_reported(tmp_path, docs, tiny_embedder, monkeypatch, capsys):
+def test_a_segment_that_cannot_be_deleted_is_reported(tmp_path, docs, tiny_embedder, monkeypatch, capsys):
     index = tmp_path / "index"
-    KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
-    old = index / (index / "CURRENT").read_text()
+    KnowledgeBase.open(index).add([docs / "lora.md"], tiny_embedder, progress=False)
+    KnowledgeBase.open(index).add([docs / "rag.md"], tiny_embedder, progress=False)
+    first = index / manifest(index)["segments"][0]["name"]
 
     def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
     with monkeypatch.context() as patch:
         patch.setattr("knowledge.store.shutil.rmtree", refuse)
-        KnowledgeBase.open(index).remove(["rag.md"])
-    assert old.is_dir() and f"could not delete the old index generation {old}" in capsys.readouterr().err
-    KnowledgeBase.open(index).remove(["lora.md"])  # the next write deletes it
-    assert not old.exists() and len(list(index.glob("gen-*"))) == 1
+        KnowledgeBase.open(index).remove(["lora.md"])  # its segment is then wholly deleted
+    assert first.is_dir() and f"could not delete {first}" in capsys.readouterr().err
+    KnowledgeBase.open(index).remove(["rag.md"])  # the next write deletes it
+    assert not first.exists() and len(list(index.glob("gen-*"))) == 1
 
 
 def test_opening_a_missing_or_inconsistent_index_fails_clearly(tmp_path, docs, tiny_embedder):
@@ -160,12 +171,11 @@ def test_opening_a_missing_or_inconsistent_index_fails_clearly(tmp_path, docs, t
         KnowledgeBase.open(tmp_path / "none", create=False)
     index = tmp_path / "index"
     KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
-    generation = index / (index / "CURRENT").read_text()
-    rows = (generation / "chunks.jsonl").read_text().splitlines()
-    (generation / "chunks.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    segment = index / manifest(index)["segments"][0]["name"]
+    np.save(segment / "offsets.npy", np.load(segment / "offsets.npy")[:-1])
     with pytest.raises(IndexError_, match="inconsistent"):
         KnowledgeBase.open(index, create=False)
-    os.remove(generation / "dense.faiss")
+    os.remove(segment / "dense.faiss")
     with pytest.raises(IndexError_, match="cannot be read"):
         KnowledgeBase.open(index, create=False)
 
@@ -190,7 +200,6 @@ def test_two_writers_on_one_folder_lose_nothing_and_readers_catch_up(tmp_path, d
 
     cli.remove(["app.md"])
     monkeypatch.setattr(retriever_module, "CHECK_EVERY", 0.0)
-    searcher.refresh()  # (the app refreshes its BM25 index after its own write)
     assert searcher.search("Tromsø northern lights", k=1, mode="lexical") == [], "the removal is seen"
     assert searcher.search("Pemba cooperative cloves", k=1, mode="lexical")[0].chunk.source == "cli.md"
     assert "app.md" not in app.sources
@@ -207,20 +216,99 @@ def test_a_file_over_the_limit_is_refused_before_it_is_read(tmp_path, tiny_embed
     assert report.skipped and "too large" in report.skipped[0][1]
 
 
-def test_adding_a_file_extends_the_hnsw_graph_instead_of_rebuilding_it(tmp_path, docs, tiny_embedder, monkeypatch):
-    import knowledge.store as store
+def many_files(folder: Path, count: int) -> list[Path]:
+    folder.mkdir()
+    topics = ["LoRA freezes the base weights", "早停在验证损失上升时停止训练", "BLEU counts matching n-grams",
+              "困惑度衡量模型对文本的意外程度", "Dropout zeroes random activations"]
+    files = []
+    for i in range(count):
+        files.append(folder / f"note{i:02d}.md")
+        files[-1].write_text(f"# Note {i}\n\n{topics[i % 5]} (note {i}).\n\n{topics[(i * 3) % 5]} again, {i} times.")
+    return files
+
+
+def test_a_write_costs_what_the_file_costs(tmp_path, docs, tiny_embedder, monkeypatch):
+    import knowledge.segment as segment_module
 
     folder = tmp_path / "index"
-    KnowledgeBase.open(folder, KnowledgeConfig(approximate_after=2)).add([docs], tiny_embedder, progress=False)
+    big = many_files(tmp_path / "many", 30)
+    KnowledgeBase.open(folder, KnowledgeConfig(approximate_after=8)).add(big, tiny_embedder, progress=False)
+    built: list[int] = []
+    original = segment_module.build_faiss
+    monkeypatch.setattr(segment_module, "build_faiss", lambda vectors, after: built.append(len(vectors)) or
+                        original(vectors, after))
     kb = KnowledgeBase.open(folder)
-    assert isinstance(kb.index, faiss.IndexHNSWFlat)
-    (tmp_path / "new.md").write_text("# Zanzibar\n\nThe Pemba cooperative grows cloves on Zanzibar.\n")
-    monkeypatch.setattr(store, "build_faiss", lambda *args: pytest.fail("the graph was rebuilt for an append"))
-    kb.add([tmp_path / "new.md"], tiny_embedder, progress=False)
-    reopened = consistent(folder)
-    assert isinstance(reopened.index, faiss.IndexHNSWFlat) and reopened.index.ntotal == len(reopened.chunks)
-    row = next(i for i, c in enumerate(reopened.chunks) if c.source == "new.md")
-    assert reopened.index.search(reopened.vectors[row:row + 1], 1)[1][0][0] == row
-    monkeypatch.undo()
-    kb.remove(["new.md"])  # a removal renumbers the rows: rebuilt
-    assert consistent(folder).index.ntotal == len(kb.chunks)
+    kb.add([docs / "lora.md"], tiny_embedder, progress=False)
+    assert built == [2], "adding a file of two chunks indexed only those two"
+    kb.remove(["note03.md"])
+    assert built == [2], "a removal rebuilds nothing"
+    (tmp_path / "many" / "note04.md").write_text("# Note 4\n\nRewritten entirely.")
+    kb.add([tmp_path / "many" / "note04.md"], tiny_embedder, progress=False)
+    assert built == [2, 1, 3], "a changed file is a segment of its own, then merged with the small newest one"
+    kb = consistent(folder)
+    assert "note03.md" not in kb.sources and kb.chunks("note04.md")[0].text == "Rewritten entirely."
+    assert manifest(folder)["segments"][0]["deleted"] == ["note03.md", "note04.md"]
+    for query in ("LoRA base weights", "Rewritten", "note 3"):
+        assert all(hit.chunk.source != "note03.md" for hit in kb.search(query, None, 10, "lexical"))
+    vector = tiny_embedder.encode(["note 3 dropout"])
+    hits = kb.search("", vector, 10, "dense")
+    assert len(hits) == 10 and all(hit.chunk.source != "note03.md" for hit in hits), "HNSW skips deleted rows"
+
+
+def test_segments_score_as_one_index_and_merge_to_a_few(tmp_path, tiny_embedder):
+    files = many_files(tmp_path / "many", 24)
+    incremental = KnowledgeBase.open(tmp_path / "a")
+    for file in files:
+        incremental.add([file], tiny_embedder, progress=False)
+    incremental.remove(["note05.md", "note17.md"])
+    assert len(incremental.state.segments) <= 6, "small writes are merged, a logarithmic number of segments"
+    once = KnowledgeBase.open(tmp_path / "b")
+    once.add([f for f in files if f.name not in ("note05.md", "note17.md")], tiny_embedder, progress=False)
+    assert len(once.state.segments) == 1 and len(once) == len(incremental)
+    chunks = once.chunks()
+    reference = LexicalIndex.of([tokenize(c.indexed_text) for c in chunks], [c.indexed_text for c in chunks])
+    def by_id(kb, query, mode="lexical"):
+        return {h.chunk.id: round(h.score, 4) for h in kb.search(query, tiny_embedder.encode([query]), 10, mode)}
+
+    for query in ("LoRA base weights", "早停 验证损失", "BLEU n-grams note 7", "困惑度"):
+        # The same scores (equal ones at the cut may be other chunks: the rows are numbered differently).
+        for mode in ("lexical", "dense"):
+            scores = [sorted(by_id(kb, query, mode).values()) for kb in (incremental, once)]
+            assert scores[0] == scores[1], (query, mode)
+        expected = dict(list(reference.search(query, 100).items())[:10])  # as one BM25 index over the same rows
+        assert {chunks[row].id: round(score, 4) for row, score in expected.items()} == by_id(once, query), query
+        for term in tokenize(query):
+            assert incremental.lexical.df(term) == reference.df(term) and once.lexical.df(term) == reference.df(term)
+        characters = [sorted(round(v, 4) for v in lexicon.scores(character_terms(query), 10, "characters").values())
+                      for lexicon in (incremental.lexical, reference)]
+        assert characters[0] == characters[1], query
+    incremental.compact()
+    assert len(incremental.state.segments) == 1 and not manifest(tmp_path / "a")["segments"][0]["deleted"]
+    assert sorted(c.id for c in incremental.chunks()) == sorted(c.id for c in chunks)
+
+
+def test_an_index_of_the_earlier_format_is_upgraded(tmp_path, docs, tiny_embedder):
+    from knowledge.chunking import chunk_document
+    from knowledge.loaders import load_file
+
+    folder = tmp_path / "index"
+    generation = folder / "gen-20260101-000000-abcdef12"
+    generation.mkdir(parents=True)
+    rows, sources = [], {}
+    for name in ("lora.md", "rag.md"):
+        chunks = chunk_document(load_file(docs / name, name), 160, 30)
+        rows += [c.to_dict() | {"tokens": tokenize(c.indexed_text)} for c in chunks]
+        sources[name] = {"path": str(docs / name), "sha256": "-", "chunks": len(chunks), "added": "2026-01-01"}
+    vectors = tiny_embedder.encode([(r["heading"] + "\n" + r["text"]) if r["heading"] else r["text"] for r in rows])
+    (generation / "chunks.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    np.save(generation / "vectors.npy", vectors)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    faiss.write_index(index, str(generation / "dense.faiss"))
+    (generation / "manifest.json").write_text(json.dumps({
+        "format": 1, "embedder": "tiny-hash", "dimension": 64, "chunks": len(rows),
+        "config": asdict(KnowledgeConfig()), "sources": sources}))
+    (folder / "CURRENT").write_text(generation.name)
+    kb = consistent(folder)
+    assert sorted(kb.sources) == ["lora.md", "rag.md"] and not generation.exists()
+    assert kb.search("LoRA base weights", None, 1, "lexical")[0].chunk.source == "lora.md"
