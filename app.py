@@ -4,6 +4,7 @@
     python app.py                       # embedded model + the app's knowledge base on http://127.0.0.1:7860
     python app.py --port 8000 --host 0.0.0.0 --model HuggingFaceTB/SmolLM2-360M-Instruct
     python app.py --index my-index      # answer from another knowledge base; --no-index: plain chat
+    python app.py --milvus-uri ./kb.db  # answer from a Milvus knowledge base (Milvus Lite here; or a server URL)
     python app.py --share               # also a public gradio.live link (needs network)
     python app.py --model openai:http://gpu-box:8000/v1/MODEL   # generation by an OpenAI-compatible server
 
@@ -46,7 +47,7 @@ from chatbot.openai_api import Gate, add_routes  # noqa: E402
 from common.cli import add_arguments, resolve, run  # noqa: E402
 from knowledge.embedder import EmbedderNotFoundError  # noqa: E402
 from knowledge.loaders import SUFFIXES  # noqa: E402
-from knowledge.store import IndexError_, default_index  # noqa: E402
+from knowledge.store import IndexError_, default_collection, default_index  # noqa: E402
 
 EXAMPLES = [
     "What does LoRA train?",
@@ -300,7 +301,7 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
     app = ChatApp(assistant, feedback or FeedbackLog(), access)
     respond, chat = (on_gpu(f, assistant.config.max_new_tokens) for f in (app.respond, app.chat))
     with gr.Blocks(title="Bilingual chatbot") as demo:
-        index = assistant.retriever.kb.folder if assistant.retriever else None
+        index = assistant.retriever.kb.location if assistant.retriever else None
         if os.environ.get("SPACE_ID") and not os.environ.get("CHATBOT_HOME"):
             gr.Markdown("⚠️ This Space has no persistent storage set (`CHATBOT_HOME`): uploaded documents and "
                         "feedback are lost when it restarts · 未设置持久存储：重启后上传的文档和反馈会丢失。")
@@ -379,9 +380,12 @@ def launch(demo: gr.Blocks, block: bool = True, **options) -> str:
 
 
 def open_knowledge_base(config: ChatConfig, no_index: bool) -> None:
-    """Point `config.index` at the app's knowledge base (`knowledge.store.default_index`) unless one is named."""
+    """Point `config.index` at the app's knowledge base (`knowledge.store.default_index`) unless one is named, or
+    fill the Milvus collection `config.milvus_uri` names from the bundled documents if it is empty."""
     if no_index:
-        config.index = None
+        config.index = config.milvus_uri = None
+    elif config.milvus_uri:
+        default_collection(config.milvus_uri, config.milvus_collection, config.embedding_model)
     elif config.index is None:
         config.index = str(default_index(embedding_model=config.embedding_model))
 

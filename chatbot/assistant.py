@@ -175,8 +175,9 @@ class Assistant:
     def load(cls, config: ChatConfig) -> Assistant:
         """Load the model and, when `config.index` is set, the knowledge base and its embedder (once)."""
         engine = config.load_engine()
-        retriever = (Retriever.open(Path(config.index), config.embedding_model, config.dense_languages)
-                     if config.index else None)
+        retriever = (Retriever.open(Path(config.index) if config.index else None, config.embedding_model,
+                                    config.dense_languages, config.milvus_uri, config.milvus_collection)
+                     if config.index or config.milvus_uri else None)
         return cls(engine, config, retriever)
 
     def variant(self, **changes) -> Assistant:

@@ -66,6 +66,10 @@ class ChatConfig:
     index: str | None = field(default=None, metadata={
         "help": "knowledge base folder to answer from, with citations (python -m knowledge build ...); "
                 "without it the bot chats from the model alone"})
+    milvus_uri: str | None = field(default_factory=lambda: os.environ.get("CHATBOT_MILVUS_URI"), metadata={
+        "help": "answer from a Milvus knowledge base instead of --index: a path ending in .db (Milvus Lite) or "
+                "http://host:19530 (a server); filled from the bundled documents when empty (env CHATBOT_MILVUS_URI)"})
+    milvus_collection: str = field(default="knowledge", metadata={"help": "the Milvus collection"})
     passages: int = field(default=3, metadata={"help": "passages placed in the prompt per question"})
     # Chosen with `python -m knowledge evaluate`: at 0.35, 96% of the evaluation questions find a passage and 93%
     # of the out-of-scope ones find none; 0.40 trades answered 92% for declined 97% (README, "Retrieval quality").

@@ -6,11 +6,14 @@
     python -m knowledge list --index my-index
     python -m knowledge stats --index my-index
     python -m knowledge search "什么是LoRA？" --index my-index --k 3 --json
+    python -m knowledge compact --index my-index                  # rewrite the segments as one, without deleted rows
     python -m knowledge evaluate                                  # hit@1/hit@3/MRR on the bilingual question set
+    python -m knowledge build docs/ --milvus-uri ./kb.db          # the same commands on Milvus (Lite, or a server)
 
 --index defaults to the app's knowledge base ($CHATBOT_HOME/index), which the commands other than `build` first
-build from the bundled documents if it does not exist yet (`knowledge.store.default_index`). A file that cannot
-be read is reported with its path and reason and skipped; the rest of the build goes on.
+build from the bundled documents if it does not exist yet (`knowledge.store.default_index`). With --milvus-uri the
+knowledge base is the collection --milvus-collection there instead (`knowledge.milvus`). A file that cannot be
+read is reported with its path and reason and skipped; the rest of the build goes on.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from knowledge.config import DENSE_LANGUAGES, KnowledgeConfig
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--index", type=Path, default=None, help="index folder (default: $CHATBOT_HOME/index)")
+    common.add_argument("--milvus-uri", default=None,
+                        help="a Milvus knowledge base instead: a path ending in .db (Milvus Lite) or http://host:19530")
+    common.add_argument("--milvus-collection", default="knowledge", help="its collection (default: knowledge)")
     add_arguments(common, KnowledgeConfig)
     common.add_argument("--dense-languages", default=DENSE_LANGUAGES,
                         help="comma-separated query languages the embedder handles, for search and evaluate ('*' = "
@@ -40,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("paths", nargs="+", type=Path, help="files and folders")
     sub.add_parser("remove", parents=[common], help="remove sources").add_argument("sources", nargs="+")
+    sub.add_parser("compact", parents=[common], help="rewrite the segments as one, without deleted rows")
     for name, text in (("list", "the indexed sources"), ("stats", "index statistics")):
         sub.add_parser(name, parents=[common], help=text).add_argument("--json", action="store_true")
     search = sub.add_parser("search", parents=[common], help="search the index")
@@ -50,17 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", parents=[common], help="retrieval quality on a question set")
     evaluate.add_argument("--questions", type=Path, default=None, help="JSONL: question, language, source, key_phrase")
     evaluate.add_argument("--out-of-scope", type=Path, default=None, help="JSONL of questions nothing answers")
-    evaluate.add_argument("--corpus", type=Path, default=None, help="documents to index when --index is not given")
+    evaluate.add_argument("--corpus", type=Path, default=None,
+                          help="documents to index for the evaluation (default: the bundled ones) into a temporary "
+                               "index, or the Milvus collection COLLECTION_evaluation, deleted afterwards")
+    evaluate.add_argument("--existing", action="store_true",
+                          help="evaluate the knowledge base --index or --milvus-uri names as it is instead")
     evaluate.add_argument("--json", action="store_true")
     return parser
 
 
-def cmd_build_or_add(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) -> int:
+def store(args: argparse.Namespace, config: KnowledgeConfig, folder: Path | None, create: bool = False,
+          fresh: bool = False):
+    from knowledge.store import open_store
+
+    return open_store(folder, args.milvus_uri, args.milvus_collection, config, create=create, fresh=fresh)
+
+
+def cmd_build_or_add(args: argparse.Namespace, config: KnowledgeConfig, folder: Path | None) -> int:
     from knowledge.embedder import Embedder
-    from knowledge.store import KnowledgeBase
 
     embedder = Embedder.for_config(config)
-    kb = KnowledgeBase.open(folder, config) if args.command == "add" else KnowledgeBase.fresh(folder, config)
+    kb = store(args, config, folder, create=True, fresh=args.command == "build")
     report = kb.add(args.paths, embedder)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("skipped") else sys.stdout)
@@ -70,9 +87,8 @@ def cmd_build_or_add(args: argparse.Namespace, config: KnowledgeConfig, folder: 
 def cmd_search(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) -> int:
     from knowledge.embedder import Embedder
     from knowledge.retriever import Retriever
-    from knowledge.store import KnowledgeBase
 
-    kb = KnowledgeBase.open(folder, config, create=False)
+    kb = store(args, config, folder)
     retriever = Retriever(kb, Embedder.for_config(kb.config), args.dense_languages)
     hits = retriever.search(args.query, k=args.k, mode=args.mode)
     if args.json:
@@ -86,20 +102,24 @@ def cmd_evaluate(args: argparse.Namespace, config: KnowledgeConfig, folder: Path
     from knowledge import evaluate as ev
     from knowledge.embedder import Embedder
     from knowledge.retriever import Retriever
-    from knowledge.store import BUNDLED_CORPUS, KnowledgeBase
+    from knowledge.store import BUNDLED_CORPUS
 
     embedder = Embedder.for_config(config)
     with tempfile.TemporaryDirectory() as scratch:
-        if folder is None:
-            kb = KnowledgeBase.fresh(Path(scratch), config)
+        scratch_store = not args.existing and folder is None
+        if scratch_store:  # the corpus, indexed for this evaluation only
+            args.milvus_collection += "_evaluation"
+            kb = store(args, config, Path(scratch), fresh=True)
             kb.add([args.corpus or BUNDLED_CORPUS], embedder)
         else:
-            kb = KnowledgeBase.open(folder, config, create=False)
+            kb = store(args, config, folder)
         retriever = Retriever(kb, embedder, args.dense_languages)
         questions = ev.read_jsonl(args.questions or ev.QUESTIONS)
         table = ev.retrieval_table(retriever, questions)
         outside = ev.read_jsonl(args.out_of_scope or ev.OUT_OF_SCOPE)
         thresholds = ev.threshold_table(retriever, questions, outside, (0.2, 0.3, 0.35, 0.4, 0.5))
+        if scratch_store and args.milvus_uri:
+            kb.drop()
     if args.json:
         print(json.dumps({"retrieval": [{"mode": m, "language": lang} | dataclasses.asdict(s)
                                         for (m, lang), s in table.items()],
@@ -113,10 +133,8 @@ def cmd_evaluate(args: argparse.Namespace, config: KnowledgeConfig, folder: Path
     return 0
 
 
-def cmd_list_or_stats(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) -> int:
-    from knowledge.store import KnowledgeBase
-
-    kb = KnowledgeBase.open(folder, config, create=False)
+def cmd_list_or_stats(args: argparse.Namespace, config: KnowledgeConfig, folder: Path | None) -> int:
+    kb = store(args, config, folder)
     data = kb.stats() if args.command == "stats" else [{"source": s} | meta for s, meta in sorted(kb.sources.items())]
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=1))
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    from knowledge.store import KnowledgeBase, default_index
+    from knowledge.store import default_index
 
     config = resolve(args, KnowledgeConfig)
     folder = args.index.expanduser() if args.index else None
@@ -146,11 +164,19 @@ def command(args: argparse.Namespace) -> int:
         return cmd_evaluate(args, config, folder)
     if args.command == "build":
         return cmd_build_or_add(args, config, folder or index_dir())
-    folder = folder or default_index(embedding_model=config.embedding_model)
+    if not args.milvus_uri:
+        folder = folder or default_index(embedding_model=config.embedding_model)
     if args.command == "add":
         return cmd_build_or_add(args, config, folder)
+    if args.command == "compact":
+        kb = store(args, config, folder)
+        if not hasattr(kb, "compact"):
+            raise ValueError("Milvus compacts its segments itself; `compact` is for the embedded store")
+        kb.compact()
+        print(f"compacted: {len(kb)} chunks in {len(kb.state.segments)} segment(s)")
+        return 0
     if args.command == "remove":
-        removed = KnowledgeBase.open(folder, config, create=False).remove(args.sources)
+        removed = store(args, config, folder).remove(args.sources)
         missing = sorted(set(args.sources) - set(removed))
         print(f"removed {len(removed)} source(s)")
         if missing:

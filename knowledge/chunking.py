@@ -55,6 +55,14 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
+def language_counts(chunks: list[Chunk]) -> dict[str, int]:
+    """How many of `chunks` are in each language."""
+    counts: dict[str, int] = {}
+    for chunk in chunks:
+        counts[chunk.language] = counts.get(chunk.language, 0) + 1
+    return counts
+
+
 def chunk_id(source: str, text: str) -> str:
     return hashlib.sha1(f"{source}\n{text}".encode()).hexdigest()[:16]
 

@@ -74,6 +74,18 @@ def tokenize(text: str) -> list[str]:
     return [t for t in terms if t not in STOPWORDS]
 
 
+def normalized(text: str) -> str:
+    """`text` for an engine that segments Chinese itself with jieba (Milvus): runs of Chinese as they are, Latin words
+    as `tokenize` turns them into terms (lower case, singular, hyphenated ones also split), separated by spaces."""
+    parts = []
+    for han, latin in _RUN.findall(text):
+        if han:
+            parts.append(han)
+        elif latin.lower() not in STOPWORDS:
+            parts += [t for t in _latin_terms(latin.lower()) if t not in STOPWORDS]
+    return " ".join(parts)
+
+
 def _latin_terms(word: str) -> list[str]:
     """A word's terms: "over-fitting" gives over, fitting and overfitting, so either spelling matches."""
     parts = [p for p in re.split(r"[-_.']", word) if p]

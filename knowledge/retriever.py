@@ -27,7 +27,7 @@ from knowledge.chunking import Chunk
 from knowledge.config import DENSE_LANGUAGES
 from knowledge.embedder import Embedder
 from knowledge.lexical import Vocabulary, coverage, tokenize
-from knowledge.store import IndexError_, KnowledgeBase, Store
+from knowledge.store import IndexError_, Store, open_store
 
 MODES = ("fused", "dense", "lexical")
 CHECK_EVERY = 2.0  # seconds between checks for changes committed by other processes
@@ -59,10 +59,11 @@ class Retriever:
         self.checked = time.monotonic()  # when the folder was last checked for other processes' changes
 
     @classmethod
-    def open(cls, folder: Path, embedding_model: str | None = None,
-             dense_languages: str = DENSE_LANGUAGES) -> Retriever:
-        """The index in `folder` with the embedder it was built with (IndexError_ if there is none)."""
-        kb = KnowledgeBase.open(folder, create=False)
+    def open(cls, folder: Path | None, embedding_model: str | None = None, dense_languages: str = DENSE_LANGUAGES,
+             milvus_uri: str | None = None, collection: str = "knowledge") -> Retriever:
+        """The index in `folder` (or the Milvus collection at `milvus_uri`) with the embedder it was built with
+        (IndexError_ if there is none)."""
+        kb = open_store(folder, milvus_uri, collection, create=False)
         if embedding_model and embedding_model != kb.embedder_name:
             raise IndexError_(f"the index in {folder} was built with '{kb.embedder_name}', not '{embedding_model}'")
         return cls(kb, Embedder.for_config(kb.config), dense_languages)

@@ -81,6 +81,36 @@ def _file_digest(path: Path, max_bytes: int) -> str:
     return digest.hexdigest()
 
 
+def read_files(paths: list[Path], config: KnowledgeConfig, known: dict[str, dict], progress: bool = True,
+               on_progress: Callable[[float, str], None] | None = None
+               ) -> tuple[Report, dict[str, list[Chunk]], dict[str, dict]]:
+    """The new and changed files under `paths` (`known`: the sources indexed now), read and chunked: (report,
+    source → chunks, source → metadata). A file that cannot be read is reported and skipped; an unchanged one
+    (same SHA-256) is not read beyond its hash."""
+    report = Report()
+    new_chunks: dict[str, list[Chunk]] = {}
+    new_sources: dict[str, dict] = {}
+    limit = int(config.max_file_mb * 2**20)
+    files = find_files([Path(p).expanduser() for p in paths])
+    for i, (path, source) in enumerate(tqdm(files, desc="Reading", unit="file", disable=not progress)):
+        if on_progress:
+            on_progress(0.5 * i / max(len(files), 1), f"reading {source}")
+        try:
+            digest = _file_digest(path, limit)
+            if known.get(source, {}).get("sha256") == digest:
+                report.unchanged.append(source)
+                continue
+            chunks = chunk_document(load_file(path, source, max_bytes=limit), config.chunk_tokens, config.chunk_overlap)
+        except (LoadError, OSError) as err:
+            report.skipped.append((str(path), str(err)))
+            continue
+        (report.updated if source in known else report.added).append(source)
+        new_chunks[source] = chunks
+        new_sources[source] = {"path": str(path.resolve()), "sha256": digest,
+                               "added": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return report, new_chunks, new_sources
+
+
 @contextmanager
 def _file_lock(folder: Path, kind: int) -> Iterator[None]:
     """flock on `folder/.lock`: LOCK_EX for a writer, LOCK_SH for a reader of a committed generation."""
@@ -294,28 +324,8 @@ class KnowledgeBase:
         """Index new and changed files under `paths`; a bad file is reported in the result and skipped. The new
         chunks become one new segment; the earlier versions of changed files are marked deleted."""
         self._check_embedder(embedder)
-        report = Report()
         state = self.state
-        files = find_files([Path(p).expanduser() for p in paths])
-        new_chunks: dict[str, list[Chunk]] = {}
-        new_sources: dict[str, dict] = {}
-        for i, (path, source) in enumerate(tqdm(files, desc="Reading", unit="file", disable=not progress)):
-            if on_progress:
-                on_progress(0.5 * i / max(len(files), 1), f"reading {source}")
-            try:
-                digest = _file_digest(path, int(self.config.max_file_mb * 2**20))
-                if state.sources.get(source, {}).get("sha256") == digest:
-                    report.unchanged.append(source)
-                    continue
-                document = load_file(path, source, max_bytes=int(self.config.max_file_mb * 2**20))
-                chunks = chunk_document(document, self.config.chunk_tokens, self.config.chunk_overlap)
-            except (LoadError, OSError) as err:
-                report.skipped.append((str(path), str(err)))
-                continue
-            (report.updated if source in state.sources else report.added).append(source)
-            new_chunks[source] = chunks
-            new_sources[source] = {"path": str(path.resolve()), "sha256": digest,
-                                   "added": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress)
         if new_chunks:
             # Embedding and writing the new segment need no lock; the merge with the latest committed state does.
             chunks, vectors = self._embed(state, new_chunks, embedder, progress, on_progress)
@@ -511,6 +521,30 @@ class KnowledgeBase:
 
 def _best_first(scores: dict[int, float]) -> list[int]:
     return sorted(scores, key=lambda row: -scores[row])
+
+
+def open_store(folder: Path | None, milvus_uri: str | None = None, collection: str = "knowledge",
+               config: KnowledgeConfig | None = None, create: bool = True, fresh: bool = False) -> Store:
+    """The knowledge base a command or the app names: the Milvus collection `collection` at `milvus_uri` when one is
+    given, else the embedded one in `folder` (the app's default when None). `fresh`: an empty one whose first write
+    replaces what is there (`build`)."""
+    if milvus_uri:
+        from knowledge.milvus import MilvusStore
+
+        if fresh:
+            return MilvusStore.fresh(milvus_uri, collection, config)
+        return MilvusStore.open(milvus_uri, collection, config, create)
+    folder = Path(folder or index_dir()).expanduser()
+    return KnowledgeBase.fresh(folder, config) if fresh else KnowledgeBase.open(folder, config, create)
+
+
+def default_collection(milvus_uri: str, collection: str, embedding_model: str | None = None) -> None:
+    """Fill the Milvus collection with the bundled documents if it does not exist yet (the app's first start)."""
+    store = open_store(None, milvus_uri, collection)
+    if not store.sources:
+        print(f"Filling {store.location} from the bundled documents (first use only)...", file=sys.stderr, flush=True)
+        for line in store.add([BUNDLED_CORPUS], Embedder(embedding_model), progress=False).lines():
+            print(line, file=sys.stderr)
 
 
 def default_index(folder: Path | None = None, embedder: Embedder | None = None,

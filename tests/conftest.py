@@ -80,6 +80,16 @@ def docs_index(tmp_path_factory, embedder) -> Path:
     return folder / "index"
 
 
+@pytest.fixture
+def docs(tmp_path):
+    """Two small documents, one English (two chunks) and one Chinese (one), for the stores' bookkeeping tests."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "lora.md").write_text("# LoRA\n\nLoRA freezes the base weights.\n\n## Size\n\nAdapters are a few MB.")
+    (folder / "rag.md").write_text("# 检索增强生成\n\n先检索相关段落，再生成回答。回答要注明出处。")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_embedder():
     return TinyEmbedder()

@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "knowledge" / "corpus"
 
 
-@pytest.fixture
-def docs(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "lora.md").write_text("# LoRA\n\nLoRA freezes the base weights.\n\n## Size\n\nAdapters are a few MB.")
-    (folder / "rag.md").write_text("# 检索增强生成\n\n先检索相关段落，再生成回答。回答要注明出处。")
-    return folder
-
-
 def consistent(folder: Path) -> KnowledgeBase:
     kb = KnowledgeBase.open(folder, create=False)
     for segment in kb.state.segments:

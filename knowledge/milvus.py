@@ -1,0 +1,298 @@
+"""The knowledge base in Milvus, for collections that outgrow one machine: the same `Store` as the embedded one.
+
+    python -m knowledge build docs/ --milvus-uri ./kb.db                 # Milvus Lite: an embedded local file
+    python -m knowledge search "什么是LoRA？" --milvus-uri http://host:19530   # a Milvus Standalone/Distributed server
+    python app.py --milvus-uri ./kb.db
+
+`--milvus-uri` is what pymilvus' `MilvusClient(uri)` takes: a path ending in `.db` runs Milvus Lite in this process
+(`pip install "milvus-lite[chinese]"`), `http://host:19530` talks to a server (several apps and the CLI can share
+it; a Milvus Lite file is one process's). Without it the embedded store (`knowledge.store`) is used.
+
+Two collections per knowledge base: `NAME` holds one row per chunk (dense vector, citation fields, and the text
+Milvus indexes for BM25 itself, with the jieba tokenizer and the same stopwords as `knowledge.lexical`), and
+`NAME_sources` one row per source file plus a settings row (embedder and `KnowledgeConfig`). Fused search is
+Milvus's hybrid search: dense and BM25 requests ranked together by its RRF ranker (k = 60, as
+`knowledge.fusion`). A changed file's new rows are inserted before its old ones are deleted, so a crash in between
+leaves a duplicate, never a gap. Tested in tests/test_milvus.py against Milvus Lite.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from knowledge.chunking import Chunk, language_counts
+from knowledge.config import KnowledgeConfig
+from knowledge.embedder import EMBEDDED_NAME, Embedder
+from knowledge.fusion import RRF_K
+from knowledge.lexical import STOPWORDS, normalized
+from knowledge.store import IndexError_, Report, Scored, read_files
+
+COLLECTION = "knowledge"
+SETTINGS = "#settings"  # the sources collection's row of settings (no file is found under that name)
+PAGE = 5000  # rows per query page (Milvus caps one query at 16,384)
+MAX_DF_COUNT = 16384  # a term's document frequency is counted up to this (beyond it, IDF hardly changes)
+_CHUNK_FIELDS = ["chunk_id", "source", "heading", "page", "language", "text"]
+ANALYZER = {"tokenizer": "jieba", "filter": ["lowercase", {"type": "stop", "stop_words": sorted(STOPWORDS)}]}
+
+
+def _quoted(value: str) -> str:
+    """A string literal for a Milvus filter expression."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+class MilvusVocabulary:
+    """Document frequencies from Milvus's own BM25 index (a term's count is the number of rows a BM25 search for
+    it returns), cached until the collection changes; what routing and relevance need (`knowledge.lexical`)."""
+
+    def __init__(self, store: MilvusStore):
+        self.store = store
+        self.size = len(store)
+        self._df: dict[str, int] = {}
+
+    def df(self, term: str) -> int:
+        if term not in self._df:
+            self._df[term] = self.store.count_matches(term) if self.size else 0
+        return self._df[term]
+
+    def idf(self, term: str) -> float:
+        df = self.df(term)
+        return float(np.log(1 + (self.size - df + 0.5) / (df + 0.5)))
+
+
+class MilvusStore:
+    def __init__(self, client, uri: str, collection: str, config: KnowledgeConfig, embedder_name: str):
+        self.client, self.uri, self.collection = client, uri, collection
+        self.config, self.embedder_name = config, embedder_name
+        self.replaces = False
+        self._sources: dict[str, dict] | None = None
+        self._vocabulary: MilvusVocabulary | None = None
+
+    @classmethod
+    def open(cls, uri: str, collection: str = COLLECTION, config: KnowledgeConfig | None = None,
+             create: bool = True) -> MilvusStore:
+        """The knowledge base in `collection` at `uri`; an empty one (created with its first write) if there is none
+        yet and `create`."""
+        store = cls.fresh(uri, collection, config)
+        store.replaces = False
+        if not store.client.has_collection(collection):
+            if not create:
+                raise IndexError_(f"{uri} has no collection '{collection}'; build one with `python -m knowledge build "
+                                  f"DOCS --milvus-uri {uri}`")
+            return store
+        for name in (collection, store._sources_collection):  # a reopened collection is searchable once loaded
+            if store.client.has_collection(name):
+                store.client.load_collection(name)
+        has_settings = store.client.has_collection(store._sources_collection)
+        settings = store.client.get(store._sources_collection, ids=[SETTINGS]) if has_settings else []
+        if not settings:
+            raise IndexError_(f"the collection '{collection}' at {uri} was not written by this app (no settings row)")
+        meta = settings[0]["meta"]
+        store.config, store.embedder_name = KnowledgeConfig.saved(meta["config"]), meta["embedder"]
+        if config is not None and config.embedding_model not in (None, store.config.embedding_model):
+            raise IndexError_(f"the collection '{collection}' was built with the embedder '{store.embedder_name}', "
+                              f"not '{config.embedding_model}'; rebuild it with `python -m knowledge build`")
+        return store
+
+    @classmethod
+    def fresh(cls, uri: str, collection: str = COLLECTION, config: KnowledgeConfig | None = None) -> MilvusStore:
+        """An empty knowledge base whose first write replaces the collection (`build`)."""
+        try:
+            from pymilvus import MilvusClient, MilvusException
+        except ImportError as err:
+            raise IndexError_('--milvus-uri needs pymilvus: pip install pymilvus "milvus-lite[chinese]"') from err
+        try:
+            client = MilvusClient(uri)
+        except MilvusException as err:
+            raise IndexError_(f"cannot open Milvus at {uri}: {err.message}") from err
+        config = config or KnowledgeConfig()
+        store = cls(client, uri, collection, config, config.embedding_model or EMBEDDED_NAME)
+        store.replaces = True
+        return store
+
+    @property
+    def _sources_collection(self) -> str:
+        return f"{self.collection}_sources"
+
+    @property
+    def location(self) -> str:
+        return f"{self.uri} (collection {self.collection})"
+
+    # ----- reading -------------------------------------------------------------------------------------
+    @property
+    def sources(self) -> dict[str, dict]:
+        if self._sources is None:
+            self._sources = self._read_sources()
+        return self._sources
+
+    def _read_sources(self) -> dict[str, dict]:
+        if not self.client.has_collection(self._sources_collection):
+            return {}
+        sources: dict[str, dict] = {}
+        while True:
+            page = self.client.query(self._sources_collection, filter=f"source != {_quoted(SETTINGS)}",
+                                     output_fields=["source", "meta"], limit=PAGE, offset=len(sources))
+            sources |= {row["source"]: row["meta"] for row in page}
+            if len(page) < PAGE:
+                return dict(sorted(sources.items()))
+
+    @property
+    def lexical(self) -> MilvusVocabulary:
+        if self._vocabulary is None:
+            self._vocabulary = MilvusVocabulary(self)
+        return self._vocabulary
+
+    def __len__(self) -> int:
+        return sum(meta["chunks"] for meta in self.sources.values())
+
+    def reload(self) -> bool:
+        """Read the sources again (another process may have written to the server); True if they changed."""
+        latest = self._read_sources()
+        if latest == self._sources:
+            return False
+        self._sources, self._vocabulary = latest, None
+        return True
+
+    def count_matches(self, term: str) -> int:
+        found = self.client.search(self.collection, data=[term], anns_field="sparse", limit=MAX_DF_COUNT,
+                                   output_fields=[], search_params={"metric_type": "BM25"})
+        return len(found[0])
+
+    def search(self, query: str, vector: np.ndarray | None, k: int, mode: str) -> list[Scored]:
+        if not len(self) or (vector is None and mode == "dense"):
+            return []
+        pool = min(len(self), max(50, 10 * k))
+        fields = _CHUNK_FIELDS + ["dense"]
+        terms = normalized(query)  # as the rows' `indexed` text was
+        if not terms and (mode == "lexical" or vector is None):
+            return []
+        if mode == "dense" or not terms:
+            found = self._dense(vector, k, fields)
+            return [Scored(_chunk(hit), hit["distance"], hit["distance"]) for hit in found]
+        if mode == "lexical" or vector is None:
+            found = self.client.search(self.collection, data=[terms], anns_field="sparse", limit=k,
+                                       output_fields=fields, search_params={"metric_type": "BM25"})[0]
+            # (Milvus Lite reports BM25 as a negative distance, a server as a positive score)
+            return [Scored(_chunk(hit), abs(hit["distance"]), None, abs(hit["distance"])) for hit in found]
+        from pymilvus import AnnSearchRequest, RRFRanker
+
+        requests = [AnnSearchRequest(data=[vector[0].tolist()], anns_field="dense", param={"metric_type": "IP"},
+                                     limit=pool),
+                    AnnSearchRequest(data=[terms], anns_field="sparse", param={"metric_type": "BM25"}, limit=pool)]
+        found = self.client.hybrid_search(self.collection, requests, RRFRanker(RRF_K), limit=k, output_fields=fields)[0]
+        return [Scored(_chunk(hit), hit["distance"], float(np.dot(vector[0], hit["entity"]["dense"])))
+                for hit in found]
+
+    def _dense(self, vector: np.ndarray, limit: int, fields: list[str]) -> list[dict]:
+        return self.client.search(self.collection, data=[vector[0].tolist()], anns_field="dense", limit=limit,
+                                  output_fields=fields, search_params={"metric_type": "IP"})[0]
+
+    def stats(self) -> dict:
+        languages: dict[str, int] = {}
+        for meta in self.sources.values():
+            for language, count in meta["languages"].items():
+                languages[language] = languages.get(language, 0) + count
+        return {"index": self.location, "store": "milvus", "sources": len(self.sources), "chunks": len(self),
+                "embedder": self.embedder_name, "chunk_languages": languages, "config": asdict(self.config)}
+
+    # ----- changing --------------------------------------------------------------------------------------
+    def add(self, paths: list[Path], embedder: Embedder, progress: bool = True,
+            on_progress: Callable[[float, str], None] | None = None) -> Report:
+        """Index new and changed files under `paths`; a bad file is reported in the result and skipped."""
+        if len(self) and not self.replaces and embedder.name != self.embedder_name:
+            raise IndexError_(f"the collection '{self.collection}' was built with the embedder "
+                              f"'{self.embedder_name}', not '{embedder.name}'; rebuild it with `python -m knowledge "
+                              "build`")
+        self.embedder_name = embedder.name
+        known = {} if self.replaces else self.sources
+        report, new_chunks, new_sources = read_files(paths, self.config, known, progress, on_progress)
+        if new_chunks:
+            fresh = [c for chunks in new_chunks.values() for c in chunks]
+            if on_progress:
+                on_progress(0.5, f"embedding {len(fresh)} chunks")
+            vectors = embedder.encode([c.indexed_text for c in fresh], progress=progress)
+            self._create(vectors.shape[1], drop=self.replaces)
+            self.replaces = False
+            rows = [_row(c, v, new_sources[c.source]["sha256"]) for c, v in zip(fresh, vectors, strict=True)]
+            for start in range(0, len(rows), 512):
+                self.client.insert(self.collection, rows[start:start + 512])
+            for source, meta in new_sources.items():  # the earlier version of a changed file, now the new one is in
+                self.client.delete(self.collection, filter=f"source == {_quoted(source)} and "
+                                                           f"sha256 != {_quoted(meta['sha256'])}")
+                chunks = new_chunks[source]
+                meta |= {"chunks": len(chunks), "languages": language_counts(chunks)}
+            self.client.upsert(self._sources_collection, [{"source": s, "meta": m, "v": [0.0, 0.0]}
+                                                          for s, m in new_sources.items()])
+            self._sources, self._vocabulary = None, None
+        report.chunks = len(self)
+        return report
+
+    def remove(self, sources: list[str]) -> list[str]:
+        """Delete the chunks of `sources`; returns those that were there."""
+        present = [s for s in sources if s in self.sources]
+        if present:
+            self.client.delete(self.collection, filter=f"source in [{', '.join(map(_quoted, present))}]")
+            self.client.delete(self._sources_collection, ids=present)
+            self._sources, self._vocabulary = None, None
+        return present
+
+    def drop(self) -> None:
+        """Delete both collections (a scratch knowledge base, after an evaluation)."""
+        for name in (self.collection, self._sources_collection):
+            if self.client.has_collection(name):
+                self.client.drop_collection(name)
+        self._sources, self._vocabulary = None, None
+
+    def _create(self, dimension: int, drop: bool) -> None:
+        """Create both collections if they do not exist (after dropping them for a `build`)."""
+        from pymilvus import DataType, Function, FunctionType
+
+        if drop:
+            self.drop()
+        if not self.client.has_collection(self.collection):
+            schema = self.client.create_schema(auto_id=True)
+            schema.add_field("pk", DataType.INT64, is_primary=True)
+            for name, length in (("chunk_id", 64), ("source", 2048), ("sha256", 64), ("heading", 4096),
+                                 ("language", 16), ("text", 65535)):
+                schema.add_field(name, DataType.VARCHAR, max_length=length)
+            schema.add_field("page", DataType.INT64)
+            schema.add_field("indexed", DataType.VARCHAR, max_length=65535, enable_analyzer=True,
+                             analyzer_params=ANALYZER)
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dimension)
+            schema.add_function(Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["indexed"],
+                                         output_field_names=["sparse"]))
+            index = self.client.prepare_index_params()
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            index.add_index("dense", index_type="AUTOINDEX", metric_type="IP")
+            self.client.create_collection(self.collection, schema=schema, index_params=index,
+                                          consistency_level="Strong")
+        if not self.client.has_collection(self._sources_collection):
+            schema = self.client.create_schema(auto_id=False)
+            schema.add_field("source", DataType.VARCHAR, is_primary=True, max_length=2048)
+            schema.add_field("meta", DataType.JSON)
+            schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus wants a vector field in every collection
+            index = self.client.prepare_index_params()
+            index.add_index("v", index_type="AUTOINDEX", metric_type="IP")
+            self.client.create_collection(self._sources_collection, schema=schema, index_params=index,
+                                          consistency_level="Strong")
+        settings = {"embedder": self.embedder_name, "dimension": dimension, "config": asdict(self.config)}
+        self.client.upsert(self._sources_collection, [{"source": SETTINGS, "meta": settings, "v": [0.0, 0.0]}])
+
+
+def _row(chunk: Chunk, vector: np.ndarray, sha256: str) -> dict:
+    return {"chunk_id": chunk.id, "source": chunk.source, "sha256": sha256, "heading": chunk.heading[:1000],
+            "language": chunk.language, "text": chunk.text, "page": chunk.page or 0,
+            "indexed": normalized(chunk.indexed_text),
+            "dense": vector.tolist()}
+
+
+def _chunk(hit: dict) -> Chunk:
+    entity = hit["entity"]
+    return Chunk(entity["chunk_id"], entity["source"], entity["text"], entity["heading"], entity["page"] or None,
+                 entity["language"])
+
