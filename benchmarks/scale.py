@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py --chunks 20000,100000
     python benchmarks/scale.py --chunks 1000000               # the issue's target size
+    python benchmarks/scale.py --chunks 20000 --milvus        # the same on a Milvus Lite collection
 
 The index is made of the bundled corpus's real chunks, repeated under new file names with a number woven into
 each text and a term of each copy's own in its postings (so BM25 sees a growing vocabulary), and synthetic
@@ -40,7 +41,7 @@ from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.lexical import Postings, character_terms, tokenize  # noqa: E402
 from knowledge.loaders import find_files, load_file  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
-from knowledge.store import BUNDLED_CORPUS, KnowledgeBase  # noqa: E402
+from knowledge.store import BUNDLED_CORPUS, KnowledgeBase, open_store  # noqa: E402
 
 QUERIES = ["What does LoRA train?", "How does early stopping work?", "困惑度是怎么计算的？", "什么是检索增强生成？",
            "Why divide attention scores by the square root of the key dimension?"]
@@ -74,8 +75,9 @@ def postings(base_terms: list[list[str]], count: int) -> Postings:
                                 np.tile(base.lengths + 1, copies)[:count])
 
 
-def fill(folder: Path, count: int, embedder: Embedder) -> None:
-    """Commit `count` chunks (real text, synthetic vectors) as one segment through the store's write path."""
+def corpus(count: int, embedder: Embedder) -> tuple[list[Chunk], np.ndarray, dict[str, dict], list[Chunk]]:
+    """`count` chunks of real text under new file names, their synthetic vectors, their sources, and the base
+    chunks they repeat."""
     base = base_chunks()
     rng = np.random.default_rng(0)
     chunks = []
@@ -92,6 +94,12 @@ def fill(folder: Path, count: int, embedder: Embedder) -> None:
     vectors = centres[[owner[c.source] for c in chunks]]
     vectors += 0.3 * rng.standard_normal(vectors.shape, dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return chunks, vectors, sources, base
+
+
+def fill(folder: Path, count: int, embedder: Embedder) -> None:
+    """Commit `count` chunks (real text, synthetic vectors) as one segment through the store's write path."""
+    chunks, vectors, sources, base = corpus(count, embedder)
     words = postings([tokenize(c.indexed_text) for c in base], count)
     characters = postings([character_terms(c.indexed_text) for c in base], count)
     kb = KnowledgeBase.fresh(folder)
@@ -101,17 +109,46 @@ def fill(folder: Path, count: int, embedder: Embedder) -> None:
         kb._commit([], kb._placed(staged))
 
 
+def fill_milvus(uri: str, count: int, embedder: Embedder) -> None:
+    """The same rows inserted into a Milvus collection (which segments the text and computes BM25 itself)."""
+    from knowledge.chunking import language_counts
+    from knowledge.milvus import MilvusStore, _row
+
+    chunks, vectors, sources, _ = corpus(count, embedder)
+    store = MilvusStore.fresh(uri)
+    store.embedder_name = embedder.name
+    store._create(embedder.dimension, drop=True)
+    for start in range(0, count, 2000):
+        store.client.insert(store.collection, [_row(c, v, "-") for c, v in zip(chunks[start:start + 2000],
+                                                                               vectors[start:start + 2000],
+                                                                               strict=True)])
+    by_source: dict[str, list[Chunk]] = {}
+    for chunk in chunks:
+        by_source.setdefault(chunk.source, []).append(chunk)
+    rows = [{"source": s, "meta": meta | {"chunks": len(by_source[s]), "languages": language_counts(by_source[s])},
+             "v": [0.0, 0.0]} for s, meta in sources.items()]
+    for start in range(0, len(rows), 2000):
+        store.client.upsert(store._sources_collection, rows[start:start + 2000])
+    for name in (store.collection, store._sources_collection):
+        store.client.flush(name)  # sealed segments get their indexes (rows still in memory are scanned)
+
+
 def disk_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def measure(count: int, embedder: Embedder, scratch: Path) -> dict:
+def measure(count: int, embedder: Embedder, scratch: Path, milvus: bool) -> dict:
     folder = scratch / f"index-{count}"
+    uri = str(folder / "kb.db") if milvus else None
     start = time.perf_counter()
-    fill(folder, count, embedder)
+    if milvus:
+        folder.mkdir()
+        fill_milvus(uri, count, embedder)
+    else:
+        fill(folder, count, embedder)
     filled = time.perf_counter() - start
     start = time.perf_counter()
-    retriever = Retriever(KnowledgeBase.open(folder), embedder)
+    retriever = Retriever(open_store(folder, uri), embedder)
     opened = time.perf_counter() - start
     times = []
     for n in range(50):
@@ -120,7 +157,7 @@ def measure(count: int, embedder: Embedder, scratch: Path) -> dict:
         times.append(time.perf_counter() - start)
     note = scratch / "note.md"
     note.write_text("# A new note\n\nThe Pemba cooperative grows cloves on Zanzibar.\n")
-    other = KnowledgeBase.open(folder)  # another process's copy, e.g. the app while the CLI writes
+    other = open_store(folder, uri)  # another process's copy, e.g. the app while the CLI writes
     start = time.perf_counter()
     retriever.kb.add([note], embedder, progress=False)
     added = time.perf_counter() - start
@@ -144,6 +181,7 @@ def measure(count: int, embedder: Embedder, scratch: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", default="20000,100000", help="index sizes, comma-separated")
+    parser.add_argument("--milvus", action="store_true", help="measure a Milvus Lite collection instead")
     args = parser.parse_args(argv)
     embedder = Embedder()
     print("| chunks | filled in | open | add one file | seen by another process | remove it | search p50 | "
@@ -151,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="scale-") as scratch:
         for count in (int(n) for n in args.chunks.split(",")):
-            r = measure(count, embedder, Path(scratch))
+            r = measure(count, embedder, Path(scratch), args.milvus)
             if not r["checked"]:
                 raise SystemExit("the added note was not found, or the removed one still was")
             print(f"| {count:,} | {r['fill_s']:.0f} s | {r['open_s']:.1f} s | {r['add_s']:.2f} s | "

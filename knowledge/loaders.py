@@ -57,8 +57,11 @@ def _read_html(data: bytes) -> list[Block]:
     from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(decode(data), "html.parser")
-    for tag in soup(["script", "style", "nav", "footer", "head"]):
+    for tag in soup(["script", "style", "nav", "footer", "head", "button", "form", "template", "noscript"]):
         tag.decompose()
+    # A page that marks its content (<main>, role="main", <article>) is read from there only: menus, pop-up help
+    # and banners around it are the same on every page of a site and would crowd each page's first chunk.
+    soup = soup.find("main") or soup.find(attrs={"role": "main"}) or soup.find("article") or soup
     lines = []
     for element in soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "blockquote"]):
         text = " ".join(element.get_text(" ", strip=True).split())

@@ -29,6 +29,15 @@ def test_html_keeps_headings_and_drops_scripts(tmp_path):
     assert "secret" not in text
 
 
+def test_html_with_a_main_element_is_read_from_it_alone(tmp_path):
+    (tmp_path / "page.html").write_text(
+        "<html><body><div id='help'><h2>Keyboard shortcuts</h2><p>Press S to search</p></div>"
+        "<ul role='menu'><li>Light</li><li>Navy</li></ul><h1 class='site'>The Book</h1>"
+        "<main><h1>借用</h1><p>对象可以通过引用传递。</p><button>Copy</button></main></body></html>")
+    text = load_file(tmp_path / "page.html").blocks[0].text
+    assert text == "# 借用\n\n对象可以通过引用传递。", text
+
+
 def test_pdf_pages_are_numbered(tmp_path):
     make_pdf(tmp_path / "report.pdf", ["Perplexity is the exponential of the loss.", "BLEU counts n-grams."])
     blocks = load_file(tmp_path / "report.pdf").blocks

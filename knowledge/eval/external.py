@@ -3,17 +3,26 @@ is never copied into the repository):
 
 - `pydoc`: the 79 language-reference topics Python ships in `pydoc_data.topics` (the text behind `help("with")`),
   one `<topic>.txt` file each; questions in `knowledge/eval/pydoc_questions.jsonl` (written for this project).
+- `rust-zh`: the Chinese translation of *Rust by Example* that rustup installs with the Rust documentation
+  (`~/.rustup/toolchains/*/share/doc/rust/html/rust-by-example/zh`), its 197 chapter pages as HTML (the one-page
+  `print.html` and the table of contents left out); questions in `knowledge/eval/rust_zh_questions.jsonl` (written
+  for this project, each with a short phrase of the passage that answers it).
 
     python -m knowledge.eval.external pydoc /tmp/pydoc-corpus
     python -m knowledge evaluate --corpus /tmp/pydoc-corpus --questions knowledge/eval/pydoc_questions.jsonl
+    python -m knowledge.eval.external rust-zh /tmp/rust-zh-corpus
+    python -m knowledge evaluate --corpus /tmp/rust-zh-corpus --questions knowledge/eval/rust_zh_questions.jsonl
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 PYDOC_QUESTIONS = Path(__file__).resolve().parent / "pydoc_questions.jsonl"
+RUST_ZH_QUESTIONS = Path(__file__).resolve().parent / "rust_zh_questions.jsonl"
+RUST_BY_EXAMPLE = "share/doc/rust/html/rust-by-example/zh"
 
 
 def write_pydoc(folder: Path) -> Path:
@@ -26,12 +35,39 @@ def write_pydoc(folder: Path) -> Path:
     return folder
 
 
+def rust_by_example_zh() -> Path | None:
+    """The installed Chinese Rust by Example, if rustup installed the Rust documentation here."""
+    found = sorted(Path("~/.rustup/toolchains").expanduser().glob(f"*/{RUST_BY_EXAMPLE}"))
+    return found[0] if found else None
+
+
+def write_rust_zh(folder: Path) -> Path:
+    """Copy the chapter pages of the Chinese Rust by Example into `folder`, keeping their paths; returns it."""
+    book = rust_by_example_zh()
+    if book is None:
+        raise FileNotFoundError(f"no ~/.rustup/toolchains/*/{RUST_BY_EXAMPLE} on this machine (install the Rust "
+                                "documentation with `rustup component add rust-docs`)")
+    for page in book.rglob("*.html"):
+        if page.name not in ("print.html", "toc.html"):
+            target = folder / page.relative_to(book)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(page, target)
+    return folder
+
+
+CORPORA = {"pydoc": write_pydoc, "rust-zh": write_rust_zh}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "pydoc":
-        print("usage: python -m knowledge.eval.external pydoc FOLDER", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in CORPORA:
+        print(f"usage: python -m knowledge.eval.external {{{','.join(CORPORA)}}} FOLDER", file=sys.stderr)
         return 2
-    print(write_pydoc(Path(argv[1])))
+    try:
+        print(CORPORA[argv[0]](Path(argv[1])))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
