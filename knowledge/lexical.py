@@ -274,8 +274,10 @@ class LexicalIndex:
                 continue
             if part.deleted is not None:
                 scores[part.deleted] = 0
-            top = np.argpartition(-scores, pool - 1)[:pool] if pool < len(scores) else np.arange(len(scores))
-            best |= {part.base + int(row): float(scores[row]) for row in top if scores[row] > 0}
+            rows = np.flatnonzero(scores)  # the rows any term occurs in: usually far fewer than all of them
+            if len(rows) > pool:
+                rows = rows[np.argpartition(-scores[rows], pool - 1)[:pool]]
+            best |= {part.base + int(row): float(scores[row]) for row in rows}
         return dict(sorted(best.items(), key=lambda item: (-item[1], item[0]))[:pool])  # ties: in row order
 
     def search(self, query: str, pool: int) -> dict[int, float]:
