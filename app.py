@@ -346,8 +346,8 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
                 sign_in.click(app.login, password, [status, files, add, remove], api_visibility="private",
                               queue=False)
 
-        # Requests run side by side (CONCURRENCY): the engine batches their answers or serves them in turn, and
-        # index changes hold the retriever's lock, so a search never sees half of an update. Answers that need no
+        # Requests run side by side (CONCURRENCY): the engine batches their answers or serves them in turn, and each
+        # search works on one committed state of the index, so none sees half of an update. Answers that need no
         # generation (quotes, refusals, errors) do not wait behind another visitor's.
         for trigger in (textbox.submit, send.click):
             trigger(respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",

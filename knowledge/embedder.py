@@ -71,6 +71,7 @@ class Embedder:
                 "--embedding-model with a local sentence-transformers folder or a Hub id while online, or "
                 "leave it unset for the embedded all-MiniLM-L6-v2.") from err
         self.dimension = self.model.get_embedding_dimension()
+        self.lock = threading.Lock()  # searches run side by side, and a fast tokenizer must not be shared by two
 
         self.runner: OnnxRunner | None = None
         if backend == "onnx":
@@ -89,9 +90,18 @@ class Embedder:
             return np.zeros((0, self.dimension), dtype=np.float32)
         if self.runner is not None:
             return self.runner.encode(texts, progress)
-        vectors = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                    show_progress_bar=progress, convert_to_numpy=True)
-        return np.asarray(vectors, dtype=np.float32)
+        from tqdm import tqdm
+
+        # Batch by batch, longest texts first (little padding), each batch under the lock: a long build in the app
+        # and the searches of its visitors take turns instead of one waiting for the other to finish.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors = np.zeros((len(texts), self.dimension), np.float32)
+        for start in tqdm(range(0, len(texts), batch_size), desc="Embedding", unit="batch", disable=not progress):
+            rows = order[start:start + batch_size]
+            with self.lock:
+                vectors[rows] = self.model.encode([texts[i] for i in rows], batch_size=batch_size,
+                                                  normalize_embeddings=True, convert_to_numpy=True)
+        return vectors
 
 
 class OnnxRunner:

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from common.language import HAN
 from knowledge.chunking import Chunk, language_counts
 from knowledge.config import KnowledgeConfig
 from knowledge.embedder import EMBEDDED_NAME, Embedder
 from knowledge.fusion import RRF_K
-from knowledge.lexical import STOPWORDS, normalized
+from knowledge.lexical import STOPWORDS, character_terms, normalized
 from knowledge.store import IndexError_, Report, Scored, read_files
 
 COLLECTION = "knowledge"
@@ -168,28 +169,40 @@ class MilvusStore:
         return len(found[0])
 
     def search(self, query: str, vector: np.ndarray | None, k: int, mode: str) -> list[Scored]:
+        """As the embedded store searches: BM25 over words, and for a query with Chinese in it also over characters,
+        each a Milvus full-text search; with the query's vector, the dense search too; several of them fused by
+        Milvus's RRF ranker in one hybrid search."""
         if not len(self) or (vector is None and mode == "dense"):
             return []
         pool = min(len(self), max(50, 10 * k))
         fields = _CHUNK_FIELDS + ["dense"]
-        terms = normalized(query)  # as the rows' `indexed` text was
-        if not terms and (mode == "lexical" or vector is None):
-            return []
-        if mode == "dense" or not terms:
+        if mode == "dense":
             found = self._dense(vector, k, fields)
             return [Scored(_chunk(hit), hit["distance"], hit["distance"]) for hit in found]
-        if mode == "lexical" or vector is None:
-            found = self.client.search(self.collection, data=[terms], anns_field="sparse", limit=k,
-                                       output_fields=fields, search_params={"metric_type": "BM25"})[0]
-            # (Milvus Lite reports BM25 as a negative distance, a server as a positive score)
-            return [Scored(_chunk(hit), abs(hit["distance"]), None, abs(hit["distance"])) for hit in found]
         from pymilvus import AnnSearchRequest, RRFRanker
 
-        requests = [AnnSearchRequest(data=[vector[0].tolist()], anns_field="dense", param={"metric_type": "IP"},
-                                     limit=pool),
-                    AnnSearchRequest(data=[terms], anns_field="sparse", param={"metric_type": "BM25"}, limit=pool)]
+        requests = []
+        if mode == "fused" and vector is not None:
+            requests.append(AnnSearchRequest(data=[vector[0].tolist()], anns_field="dense",
+                                             param={"metric_type": "IP"}, limit=pool))
+        for field, text in (("sparse", normalized(query)),  # as the rows' `indexed` text was made
+                            ("sparse_characters", " ".join(character_terms(query)) if HAN.search(query) else "")):
+            if text:
+                requests.append(AnnSearchRequest(data=[text], anns_field=field, param={"metric_type": "BM25"},
+                                                 limit=pool))
+        if not requests:
+            return []
+        if len(requests) == 1:
+            request = requests[0]
+            found = self.client.search(self.collection, data=request.data, anns_field=request.anns_field, limit=k,
+                                       output_fields=fields, search_params=request.param)[0]
+            if request.anns_field == "dense":  # a fused search of a query without a single term
+                return [Scored(_chunk(hit), hit["distance"], hit["distance"]) for hit in found]
+            # (Milvus Lite reports BM25 as a negative distance, a server as a positive score)
+            return [Scored(_chunk(hit), abs(hit["distance"]), None, abs(hit["distance"])) for hit in found]
         found = self.client.hybrid_search(self.collection, requests, RRFRanker(RRF_K), limit=k, output_fields=fields)[0]
-        return [Scored(_chunk(hit), hit["distance"], float(np.dot(vector[0], hit["entity"]["dense"])))
+        return [Scored(_chunk(hit), hit["distance"],
+                       float(np.dot(vector[0], hit["entity"]["dense"])) if vector is not None else None)
                 for hit in found]
 
     def _dense(self, vector: np.ndarray, limit: int, fields: list[str]) -> list[dict]:
@@ -269,12 +282,17 @@ class MilvusStore:
             schema.add_field("page", DataType.INT64)
             schema.add_field("indexed", DataType.VARCHAR, max_length=65535, enable_analyzer=True,
                              analyzer_params=ANALYZER)
+            schema.add_field("characters", DataType.VARCHAR, max_length=65535, enable_analyzer=True,
+                             analyzer_params=ANALYZER)
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_field("sparse_characters", DataType.SPARSE_FLOAT_VECTOR)
             schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dimension)
-            schema.add_function(Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["indexed"],
-                                         output_field_names=["sparse"]))
+            for source, target in (("indexed", "sparse"), ("characters", "sparse_characters")):
+                schema.add_function(Function(name=f"bm25_{source}", function_type=FunctionType.BM25,
+                                             input_field_names=[source], output_field_names=[target]))
             index = self.client.prepare_index_params()
-            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            for field in ("sparse", "sparse_characters"):
+                index.add_index(field, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
             index.add_index("dense", index_type="AUTOINDEX", metric_type="IP")
             self.client.create_collection(self.collection, schema=schema, index_params=index,
                                           consistency_level="Strong")
@@ -294,7 +312,7 @@ class MilvusStore:
 def _row(chunk: Chunk, vector: np.ndarray, sha256: str) -> dict:
     return {"chunk_id": chunk.id, "source": chunk.source, "sha256": sha256, "heading": chunk.heading[:1000],
             "language": chunk.language, "text": chunk.text, "page": chunk.page or 0,
-            "indexed": normalized(chunk.indexed_text),
+            "indexed": normalized(chunk.indexed_text), "characters": " ".join(character_terms(chunk.indexed_text)),
             "dense": vector.tolist()}
 
 

@@ -93,9 +93,10 @@ class Retriever:
             return self.kb.reload()
 
     def search(self, query: str, k: int = 5, mode: str = "fused", language: str | None = None) -> list[Hit]:
-        with self.lock:
-            self.sync()
-            return self._search(query, k, mode, language)
+        """The best `k` chunks for `query`. Searches run side by side (each on one committed state of the store);
+        only the check for other processes' changes is taken one at a time."""
+        self.sync()
+        return self._search(query, k, mode, language)
 
     def _search(self, query: str, k: int, mode: str, language: str | None) -> list[Hit]:
         if mode not in MODES:
