@@ -72,6 +72,9 @@ class Embedder:
                 "leave it unset for the embedded all-MiniLM-L6-v2.") from err
         self.dimension = self.model.get_embedding_dimension()
         self.lock = threading.Lock()  # searches run side by side, and a fast tokenizer must not be shared by two
+        # On a CPU with bfloat16 instructions (AVX-512 BF16, AMX) the model runs in bfloat16: 1.9x faster here, and
+        # its vectors are at cosine 0.99998 to float32's (README, "Faster filling"), so the index does not change.
+        self.bf16 = self.model.device.type == "cpu" and _native_bf16()
 
         self.runner: OnnxRunner | None = None
         if backend == "onnx":
@@ -90,6 +93,7 @@ class Embedder:
             return np.zeros((0, self.dimension), dtype=np.float32)
         if self.runner is not None:
             return self.runner.encode(texts, progress)
+        import torch
         from tqdm import tqdm
 
         # Batch by batch, longest texts first (little padding), each batch under the lock: a long build in the app
@@ -98,10 +102,16 @@ class Embedder:
         vectors = np.zeros((len(texts), self.dimension), np.float32)
         for start in tqdm(range(0, len(texts), batch_size), desc="Embedding", unit="batch", disable=not progress):
             rows = order[start:start + batch_size]
-            with self.lock:
+            with self.lock, torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 vectors[rows] = self.model.encode([texts[i] for i in rows], batch_size=batch_size,
                                                   normalize_embeddings=True, convert_to_numpy=True)
         return vectors
+
+
+def _native_bf16() -> bool:
+    import torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class OnnxRunner:
