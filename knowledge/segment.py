@@ -1,7 +1,7 @@
 """One immutable segment of the embedded knowledge base: the chunks of the files one write added, with their
 vectors in a FAISS index and their BM25 postings, in a folder `INDEX/seg-*/` that is never changed once written.
 
-    segment = Segment.write(folder, chunks, vectors, sources, approximate_after=20000)
+    Segment.write(folder, chunks, vectors, sources, 20000, *Segment.postings(chunks))
     segment = Segment.load(folder)           # chunk text and postings are memory-mapped, not read
     segment.chunk(row), segment.search(vector, pool, deleted), segment.vectors(rows)
 
@@ -132,10 +132,10 @@ class Segment:
         return range(first, first + count)
 
     def vectors(self, rows: range | list[int]) -> np.ndarray:
-        rows = list(rows)
-        if not rows:
+        keys = np.asarray(list(rows), np.int64)
+        if not len(keys):
             return np.zeros((0, self.index.d), np.float32)
-        return np.stack([self.index.reconstruct(int(r)) for r in rows])
+        return self.index.reconstruct_batch(keys)
 
     def deleted_mask(self, deleted: list[str]) -> np.ndarray | None:
         """Rows of the deleted sources, as a mask; None when nothing is deleted."""

@@ -1,18 +1,25 @@
-"""A knowledge base on disk: chunks, their vectors, a FAISS index and the list of sources, written crash-safely.
+"""The embedded knowledge base on disk, in segments, written crash-safely; and `Store`, what the retriever needs of
+any knowledge base (this one, or `knowledge.milvus.MilvusStore`).
 
     kb = KnowledgeBase.open(Path("my-index"))
     report = kb.add([Path("docs/")], embedder)       # new and changed files in, unchanged ones skipped
     kb.remove(["old.md"])
+    kb.search("什么是LoRA？", None, k=3, mode="lexical")
 
-Layout: `INDEX/CURRENT` names the live generation folder `INDEX/gen-*/`, which holds `chunks.jsonl` (chunk
-metadata and BM25 terms), `vectors.npy`, `dense.faiss` and `manifest.json` (settings and sources). Every write
-builds a complete new generation beside the live one and then replaces CURRENT atomically, so a process killed
-at any moment leaves either the old or the new index, never a mixture; old generations are deleted after (one
-that cannot be deleted is reported on stderr, and deleted by the next write).
+Layout: `INDEX/CURRENT` names the live manifest `INDEX/gen-*.json`, which lists the live segments
+(`knowledge.segment`, immutable folders `INDEX/seg-*/`) and, per segment, the sources deleted from it, with the
+settings the index was built with. An add writes its files' chunks as a new segment (in a staging folder named after
+the writing process, outside the lock), then, under the folder's lock, takes the latest manifest, marks the earlier
+versions of its files deleted, merges small segments (`_merged`), writes a new manifest and replaces CURRENT
+atomically; a remove only writes a manifest. A process killed at any moment leaves the last committed manifest and
+its segments; what no manifest names any more, and staging folders of dead processes, are deleted by the next write
+(one that cannot be deleted is reported on stderr). Readers take the lock shared while they open a manifest, and a
+search works on one committed state (`_State`) from start to end.
 
 The default knowledge base, the one the app, `python -m knowledge` and the regression dialogues use when no index
 is named, is decided here (`default_index`): $CHATBOT_HOME/index, built from the bundled documents
-(`BUNDLED_CORPUS`) the first time it is needed.
+(`BUNDLED_CORPUS`) the first time it is needed. `open_store` opens the one a command names, embedded or on Milvus.
+Tested in tests/test_store.py.
 """
 
 from __future__ import annotations
