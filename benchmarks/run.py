@@ -37,10 +37,11 @@ from chatbot.chat_format import render_prompt  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import GenerationOptions, Usage  # noqa: E402
 from chatbot.hf_engine import TransformersEngine as Engine  # noqa: E402
+from knowledge.embedded import KnowledgeBase  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
 from knowledge.segment import build_faiss  # noqa: E402
-from knowledge.store import BUNDLED_CORPUS, KnowledgeBase, scratch_knowledge_base  # noqa: E402
+from knowledge.store import BUNDLED_CORPUS, scratch_knowledge_base  # noqa: E402
 
 QUESTIONS = ["What does LoRA train?", "How does early stopping work?", "困惑度是怎么计算的？", "什么是检索增强生成？"]
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},

@@ -38,11 +38,12 @@ import numpy as np  # noqa: E402
 
 from knowledge.chunking import Chunk, chunk_document, chunk_id  # noqa: E402
 from knowledge.config import KnowledgeConfig  # noqa: E402
+from knowledge.embedded import KnowledgeBase  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.lexical import Postings, character_terms, tokenize  # noqa: E402
 from knowledge.loaders import find_files, load_file  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
-from knowledge.store import BUNDLED_CORPUS, KnowledgeBase, open_store  # noqa: E402
+from knowledge.store import BUNDLED_CORPUS, open_store  # noqa: E402
 
 QUERIES = ["What does LoRA train?", "How does early stopping work?", "困惑度是怎么计算的？", "什么是检索增强生成？",
            "Why divide attention scores by the square root of the key dimension?"]

@@ -235,8 +235,9 @@ class LocalBackend:
         return self._embedder
 
     def _retriever(self, index: str | None, base: Path):
+        from knowledge.embedded import KnowledgeBase
         from knowledge.retriever import Retriever
-        from knowledge.store import KnowledgeBase, default_index
+        from knowledge.store import default_index
 
         if index is None:
             return None

@@ -65,7 +65,8 @@ class Retriever:
         (IndexError_ if there is none)."""
         kb = open_store(folder, milvus_uri, collection, create=False)
         if embedding_model and embedding_model != kb.embedder_name:
-            raise IndexError_(f"the index in {folder} was built with '{kb.embedder_name}', not '{embedding_model}'")
+            raise IndexError_(f"the index in {kb.location} was built with '{kb.embedder_name}', not "
+                              f"'{embedding_model}'")
         return cls(kb, Embedder.for_config(kb.config), dense_languages)
 
     def uses_dense(self, language: str) -> bool:
@@ -106,10 +107,10 @@ class Retriever:
         language = language or detect_language(query)
         use_dense = mode == "dense" or (mode == "fused" and self.uses_dense(language))
         vector = self.embedder.encode([query]) if use_dense else None
-        terms = tokenize(query)
+        terms, vocabulary = tokenize(query), self.kb.lexical
         hits = []
         for found in self.kb.search(query, vector, k, mode):
-            share = coverage(self.kb.lexical, terms, tokenize(found.chunk.indexed_text))
+            share = coverage(vocabulary, terms, tokenize(found.chunk.indexed_text))
             cosine = found.dense if self.uses_dense(language) else None
             hits.append(Hit(found.chunk, found.score, max(share, cosine or 0.0), found.dense, found.lexical))
         return hits

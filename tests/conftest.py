@@ -72,7 +72,7 @@ def embedder():
 @pytest.fixture(scope="session")
 def docs_index(tmp_path_factory, embedder) -> Path:
     """tests.docs.DOCS indexed once with the real embedder (read-only: tests open it, none writes to it)."""
-    from knowledge.store import KnowledgeBase
+    from knowledge.embedded import KnowledgeBase
     from tests.docs import write_docs
 
     folder = tmp_path_factory.mktemp("docs-index")

@@ -14,8 +14,8 @@ from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
 from chatbot.feedback import FeedbackLog
 from chatbot.hf_engine import TransformersEngine as Engine
+from knowledge.embedded import KnowledgeBase
 from knowledge.retriever import Retriever
-from knowledge.store import KnowledgeBase
 from tests.docs import DOCS, write_docs
 from tests.test_app import free_port, launched
 from tests.tiny import TinyEmbedder, tiny_model

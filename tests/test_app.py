@@ -70,8 +70,8 @@ def test_chat_endpoint_streams_and_takes_history(served):
 def served_with_index(tokenizer, docs_index, embedder):
     from chatbot.hf_engine import TransformersEngine as Engine
     from chatbot.models import ModelProfile
+    from knowledge.embedded import KnowledgeBase
     from knowledge.retriever import Retriever
-    from knowledge.store import KnowledgeBase
     from tests.tiny import tiny_model
 
     engine = Engine(tiny_model(tokenizer), tokenizer, "tiny", 512, ModelProfile(chat=("en",), grounded=()))
@@ -202,8 +202,8 @@ def test_a_cli_add_while_the_app_runs_is_seen_and_kept(tokenizer, docs_index, em
     documents stay, and the app searches the CLI's without a restart."""
     from chatbot.hf_engine import TransformersEngine as Engine
     from knowledge import retriever as retriever_module
+    from knowledge.embedded import KnowledgeBase
     from knowledge.retriever import Retriever
-    from knowledge.store import KnowledgeBase
     from tests.test_access import call
     from tests.tiny import tiny_model
 

@@ -16,7 +16,8 @@ from chatbot.prompts import Passage, shown_passages, user_turn
 from common.cli import ConfigError, add_arguments, resolve, run
 from common.paths import chatbot_home, feedback_log, index_dir, models_dir
 from knowledge.config import KnowledgeConfig
-from knowledge.store import BUNDLED_CORPUS, KnowledgeBase, default_index
+from knowledge.embedded import KnowledgeBase
+from knowledge.store import BUNDLED_CORPUS, default_index
 from tests.tiny import TinyEmbedder
 
 

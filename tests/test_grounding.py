@@ -23,8 +23,8 @@ from chatbot.prompts import (
     Passage,
     user_turn,
 )
+from knowledge.embedded import KnowledgeBase
 from knowledge.retriever import Retriever
-from knowledge.store import KnowledgeBase
 from tests.docs import write_docs
 from tests.test_cli import run_cli as run_chatbot
 from tests.test_retriever import run_cli as run_knowledge

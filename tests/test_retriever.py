@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from chatbot.config import ChatConfig
+from knowledge.embedded import KnowledgeBase
 from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import tokenize, words
 from knowledge.retriever import Retriever
-from knowledge.store import KnowledgeBase
 from tests.docs import DOCS, write_docs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -212,8 +212,8 @@ def test_the_api_streams_an_answer_with_its_sources(served_with_index_url):
 
 @pytest.fixture
 def served_with_index_url(tokenizer, docs_index, embedder):
+    from knowledge.embedded import KnowledgeBase
     from knowledge.retriever import Retriever
-    from knowledge.store import KnowledgeBase
     from tests.tiny import tiny_model
 
     engine = TransformersEngine(tiny_model(tokenizer), tokenizer, "tiny", 512, ModelProfile(chat=("en",),

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from knowledge.config import KnowledgeConfig
+from knowledge.embedded import KnowledgeBase
 from knowledge.lexical import LexicalIndex, character_terms, tokenize
-from knowledge.store import IndexError_, KnowledgeBase
+from knowledge.store import IndexError_
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "knowledge" / "corpus"
@@ -89,7 +90,7 @@ def test_a_failed_write_leaves_the_previous_index(tmp_path, docs, tiny_embedder,
         KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)
     monkeypatch.undo()
     assert [c.id for c in consistent(index).chunks()] == before
-    monkeypatch.setattr("knowledge.store._alive", lambda name: False)  # as if the writer had died
+    monkeypatch.setattr("knowledge.embedded._alive", lambda name: False)  # as if the writer had died
     KnowledgeBase.open(index).add([docs], tiny_embedder, progress=False)  # and the next write cleans up
     assert "new.md" in consistent(index).sources
     assert not list(index.glob("tmp-*"))
@@ -150,7 +151,7 @@ def test_a_segment_that_cannot_be_deleted_is_reported(tmp_path, docs, tiny_embed
         raise PermissionError(13, "Permission denied", str(path))
 
     with monkeypatch.context() as patch:
-        patch.setattr("knowledge.store.shutil.rmtree", refuse)
+        patch.setattr("knowledge.embedded.shutil.rmtree", refuse)
         KnowledgeBase.open(index).remove(["lora.md"])  # its segment is then wholly deleted
     assert first.is_dir() and f"could not delete {first}" in capsys.readouterr().err
     KnowledgeBase.open(index).remove(["rag.md"])  # the next write deletes it

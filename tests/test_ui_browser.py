@@ -23,8 +23,8 @@ from chatbot.feedback import FeedbackLog
 from chatbot.hf_engine import TransformersEngine as Engine
 from chatbot.models import ModelProfile
 from chatbot.regress import load_dialogues
+from knowledge.embedded import KnowledgeBase
 from knowledge.retriever import Retriever
-from knowledge.store import KnowledgeBase
 from tests.docs import write_docs
 from tests.test_app import free_port
 from tests.tiny import tiny_model
