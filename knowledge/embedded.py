@@ -239,8 +239,8 @@ class KnowledgeBase:
                 if not self.replaces:  # another process may have committed since this copy was read: no lost update
                     self._take_latest()
                 latest = self.state if not self.replaces else _State.of(None, [])
-                entries = [(seg, deleted + tuple(s for s in seg.sources if s in new_sources and s not in deleted))
-                           for seg, deleted in latest.entries]
+                entries = [(seg, deleted + tuple(s for s in new_sources if s in seg.sources and s not in deleted))
+                           for seg, deleted in latest.entries]  # (in proportion to the files, not the segment)
                 self._commit(entries, self._placed(staged))
         report.chunks = len(self)
         return report
