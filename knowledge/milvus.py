@@ -19,6 +19,7 @@ leaves a duplicate, never a gap. Tested in tests/test_milvus.py against Milvus L
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -76,6 +77,7 @@ class MilvusStore:
         self.replaces = False
         self._sources: dict[str, dict] | None = None
         self._vocabulary: MilvusVocabulary | None = None
+        self._generation: str | None = None  # of the collection's last write this copy knows of
 
     @classmethod
     def open(cls, uri: str, collection: str = COLLECTION, config: KnowledgeConfig | None = None,
@@ -92,12 +94,11 @@ class MilvusStore:
         for name in (collection, store._sources_collection):  # a reopened collection is searchable once loaded
             if store.client.has_collection(name):
                 store.client.load_collection(name)
-        has_settings = store.client.has_collection(store._sources_collection)
-        settings = store.client.get(store._sources_collection, ids=[SETTINGS]) if has_settings else []
-        if not settings:
+        meta = store._settings()
+        if not meta:
             raise IndexError_(f"the collection '{collection}' at {uri} was not written by this app (no settings row)")
-        meta = settings[0]["meta"]
         store.config, store.embedder_name = KnowledgeConfig.saved(meta["config"]), meta["embedder"]
+        store._generation = meta.get("generation")
         if config is not None and config.embedding_model not in (None, store.config.embedding_model):
             raise IndexError_(f"the collection '{collection}' was built with the embedder '{store.embedder_name}', "
                               f"not '{config.embedding_model}'; rebuild it with `python -m knowledge build`")
@@ -155,12 +156,26 @@ class MilvusStore:
         return sum(meta["chunks"] for meta in self.sources.values())
 
     def reload(self) -> bool:
-        """Read the sources again (another process may have written to the server); True if they changed."""
-        latest = self._read_sources()
-        if latest == self._sources:
+        """Whether another process (or another copy) wrote to the collection since this one last looked; if so, the
+        sources are read again when next needed. One row is read to know (every write records a new generation in
+        the settings row), so the retriever can ask every few seconds."""
+        generation = self._settings().get("generation")
+        if generation == self._generation:
             return False
-        self._sources, self._vocabulary = latest, None
+        self._generation, self._sources, self._vocabulary = generation, None, None
         return True
+
+    def _settings(self) -> dict:
+        if not self.client.has_collection(self._sources_collection):
+            return {}
+        rows = self.client.get(self._sources_collection, ids=[SETTINGS])
+        return rows[0]["meta"] if rows else {}
+
+    def _touch(self) -> None:
+        """Record a new generation after a write, for other processes' `reload`."""
+        settings = self._settings() | {"generation": uuid.uuid4().hex}
+        self.client.upsert(self._sources_collection, [{"source": SETTINGS, "meta": settings, "v": [0.0, 0.0]}])
+        self._generation, self._sources, self._vocabulary = settings["generation"], None, None
 
     def count_matches(self, term: str) -> int:
         found = self.client.search(self.collection, data=[term], anns_field="sparse",
@@ -247,7 +262,7 @@ class MilvusStore:
                 meta |= {"chunks": len(chunks), "languages": language_counts(chunks)}
             self.client.upsert(self._sources_collection, [{"source": s, "meta": m, "v": [0.0, 0.0]}
                                                           for s, m in new_sources.items()])
-            self._sources, self._vocabulary = None, None
+            self._touch()
         report.chunks = len(self)
         return report
 
@@ -257,7 +272,7 @@ class MilvusStore:
         if present:
             self.client.delete(self.collection, filter=f"source in [{', '.join(map(_quoted, present))}]")
             self.client.delete(self._sources_collection, ids=present)
-            self._sources, self._vocabulary = None, None
+            self._touch()
         return present
 
     def drop(self) -> None:
