@@ -41,7 +41,7 @@ from knowledge.embedder import EMBEDDED_NAME, Embedder
 from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import LexicalIndex, Postings
 from knowledge.segment import Segment
-from knowledge.store import IndexError_, Report, Scored, read_files
+from knowledge.store import IndexError_, Report, Scored, chunk_languages, read_files
 
 FORMAT_VERSION = 2  # 1: one folder per generation, rewritten whole by every write
 MERGE_RATIO = 2  # the newest segments are merged while the one before them is at most this many times larger
@@ -404,27 +404,17 @@ class KnowledgeBase:
         if mode == "dense":
             ranked = list(dense.items())
         elif mode == "lexical":
-            ranked = sorted(lexical.items(), key=lambda item: -item[1])
-        else:
-            ranked = list(reciprocal_rank_fusion([list(dense), _best_first(lexical)]).items())
+            ranked = list(lexical.items())
+        else:  # (both searches return their rows best first)
+            ranked = list(reciprocal_rank_fusion([list(dense), list(lexical)]).items())
         return [Scored(state.chunk(key), score, dense.get(key), lexical.get(key)) for key, score in ranked[:k]]
 
     def stats(self) -> dict:
         state = self.state
-        languages: dict[str, int] = {}
-        for meta in state.sources.values():
-            for language, count in meta["languages"].items():
-                languages[language] = languages.get(language, 0) + count
         return {"index": str(self.folder), "sources": len(state.sources), "chunks": len(self),
                 "embedder": self.embedder_name,
                 "dimension": next((int(seg.index.d) for seg in state.segments if seg.size), 0),
                 "segments": len(state.segments),
                 "deleted_rows": sum(seg.size for seg in state.segments) - len(self),
                 "faiss": sorted({type(seg.index).__name__ for seg in state.segments}),
-                "chunk_languages": languages, "config": asdict(self.config)}
-
-
-def _best_first(scores: dict[int, float]) -> list[int]:
-    return sorted(scores, key=lambda row: -scores[row])
-
-
+                "chunk_languages": chunk_languages(state.sources), "config": asdict(self.config)}

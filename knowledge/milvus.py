@@ -32,7 +32,7 @@ from knowledge.config import KnowledgeConfig
 from knowledge.embedder import EMBEDDED_NAME, Embedder
 from knowledge.fusion import RRF_K
 from knowledge.lexical import STOPWORDS, character_terms, normalized
-from knowledge.store import IndexError_, Report, Scored, read_files
+from knowledge.store import IndexError_, Report, Scored, chunk_languages, read_files
 
 COLLECTION = "knowledge"
 SETTINGS = "#settings"  # the sources collection's row of settings (no file is found under that name)
@@ -225,12 +225,9 @@ class MilvusStore:
                                   output_fields=fields, search_params={"metric_type": "IP"})[0]
 
     def stats(self) -> dict:
-        languages: dict[str, int] = {}
-        for meta in self.sources.values():
-            for language, count in meta["languages"].items():
-                languages[language] = languages.get(language, 0) + count
         return {"index": self.location, "store": "milvus", "sources": len(self.sources), "chunks": len(self),
-                "embedder": self.embedder_name, "chunk_languages": languages, "config": asdict(self.config)}
+                "embedder": self.embedder_name, "chunk_languages": chunk_languages(self.sources),
+                "config": asdict(self.config)}
 
     # ----- changing --------------------------------------------------------------------------------------
     def add(self, paths: list[Path], embedder: Embedder, progress: bool = True,

@@ -132,6 +132,15 @@ class Store(Protocol):
     def stats(self) -> dict: ...
 
 
+def chunk_languages(sources: dict[str, dict]) -> dict[str, int]:
+    """How many chunks of `sources` (their metadata, as a store keeps it) are in each language."""
+    counts: dict[str, int] = {}
+    for meta in sources.values():
+        for language, count in meta["languages"].items():
+            counts[language] = counts.get(language, 0) + count
+    return counts
+
+
 def open_store(folder: Path | None, milvus_uri: str | None = None, collection: str = "knowledge",
                config: KnowledgeConfig | None = None, create: bool = True, fresh: bool = False) -> Store:
     """The knowledge base a command or the app names: the Milvus collection `collection` at `milvus_uri` when one is
