@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from knowledge.embedder import BACKENDS
+
 # all-MiniLM-L6-v2, the bundled embedder, was trained on English: on Chinese queries its ranking is close to noise
 # (hit@3 0.35 against BM25's 0.965 on the evaluation set), so by default only English queries use it. A setting of
 # the search (`knowledge.retriever.Retriever`), not of the index: set it for a multilingual --embedding-model.
@@ -25,11 +27,12 @@ class KnowledgeConfig:
         metadata={"help": "sentence-transformers model id or folder (default: the embedded all-MiniLM-L6-v2; "
                           "env CHATBOT_EMBEDDING_MODEL)"})
     embedding_backend: str = field(
-        default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_BACKEND", "torch"),
-        metadata={"choices": ("torch", "onnx"),
-                  "help": "torch (sentence-transformers) or onnx (the same model exported once and quantised to int8 "
-                          "for onnxruntime: 2.7x faster on a CPU, see README); saved with the index, whose queries "
-                          "then use the same (env CHATBOT_EMBEDDING_BACKEND)"})
+        default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_BACKEND", "auto"),
+        metadata={"choices": BACKENDS,
+                  "help": "what runs the embedder: auto (openvino on a CPU where it is installed, else torch), torch "
+                          "(sentence-transformers), openvino (the same model converted once: the same vectors, 1.8x "
+                          "faster on a CPU) or onnx (quantised to int8 for onnxruntime: other vectors, see README); "
+                          "saved with the index, whose queries then use the same (env CHATBOT_EMBEDDING_BACKEND)"})
     # MiniLM's WordPiece window is 256 tokens; 160 of our units (a word or a CJK character) stay well inside it.
     chunk_tokens: int = field(default=160, metadata={"help": "largest chunk, in words / CJK characters"})
     chunk_overlap: int = field(default=30, metadata={"help": "tokens of trailing sentences repeated in the next chunk"})
@@ -42,8 +45,8 @@ class KnowledgeConfig:
             raise ValueError(f"chunk_tokens must be at least 16, got {self.chunk_tokens}")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:
             raise ValueError(f"chunk_overlap must be in [0, chunk_tokens), got {self.chunk_overlap}")
-        if self.embedding_backend not in ("torch", "onnx"):
-            raise ValueError(f"embedding_backend must be torch or onnx, got {self.embedding_backend!r}")
+        if self.embedding_backend not in BACKENDS:
+            raise ValueError(f"embedding_backend must be one of {', '.join(BACKENDS)}, got {self.embedding_backend!r}")
         if self.max_file_mb <= 0:
             raise ValueError(f"max_file_mb must be positive, got {self.max_file_mb}")
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from knowledge.chunking import Chunk
 from knowledge.config import KnowledgeConfig
-from knowledge.embedder import EMBEDDED_NAME, Embedder
+from knowledge.embedder import EMBEDDED_NAME, Background, Embedder
 from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import LexicalIndex, Postings
 from knowledge.segment import Segment
@@ -229,12 +229,34 @@ class KnowledgeBase:
         """Index new and changed files under `paths`; a bad file is reported in the result and skipped. The new
         chunks become one new segment; the earlier versions of changed files are marked deleted."""
         self._check_embedder(embedder)
+        with Background(embedder, progress) as embedding:
+            return self._add(paths, embedding, progress, on_progress)
+
+    def _add(self, paths: list[Path], embedding: Background, progress: bool,
+             on_progress: Callable[[float, str], None] | None) -> Report:
         state = self.state
-        report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress)
-        if new_chunks:
+        reused: dict[str, np.ndarray] = {}  # the unchanged chunks of changed files keep their vectors
+        embedded: list[str] = []  # ids of the chunks given to the embedder, in order
+
+        def chunked(source: str, chunks: list[Chunk]) -> None:  # called as each file is read
+            if source in state.where:
+                segment = state.segments[state.where[source]]
+                rows = segment.rows(source)
+                known = dict(zip((c.id for c in segment.chunks(rows)), segment.vectors(rows), strict=True))
+                reused.update((c.id, known[c.id]) for c in chunks if c.id in known)
+            fresh = [c for c in chunks if c.id not in reused]
+            embedded.extend(c.id for c in fresh)
+            embedding.add([c.indexed_text for c in fresh])
+
+        report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress,
+                                                     chunked)
+        chunks = [c for file_chunks in new_chunks.values() for c in file_chunks]
+        postings = Segment.postings(chunks)  # while the last chunks are embedded
+        vectors = dict(zip(embedded, embedding.vectors(on_progress), strict=True)) | reused
+        if chunks:
             # Embedding and writing the new segment need no lock; the merge with the latest committed state does.
-            chunks, vectors = self._embed(state, new_chunks, embedder, progress, on_progress)
-            staged = self._stage(chunks, vectors, new_sources, *Segment.postings(chunks))
+            staged = self._stage(chunks, np.stack([vectors[c.id] for c in chunks]).astype(np.float32), new_sources,
+                                 *postings)
             with self._locked():
                 if not self.replaces:  # another process may have committed since this copy was read: no lost update
                     self._take_latest()
@@ -264,24 +286,6 @@ class KnowledgeBase:
             entries = self.state.entries
             if len(entries) > 1 or any(deleted for _, deleted in entries):
                 self._commit([], self._merge(entries))
-
-    def _embed(self, state: _State, new_chunks: dict[str, list[Chunk]], embedder: Embedder, progress: bool,
-               on_progress: Callable[[float, str], None] | None) -> tuple[list[Chunk], np.ndarray]:
-        """The chunks of the new and changed files and their vectors; the unchanged chunks of a changed file keep
-        the vectors they have."""
-        reusable: dict[str, np.ndarray] = {}
-        for source in new_chunks:
-            if source in state.where:
-                segment = state.segments[state.where[source]]
-                rows = segment.rows(source)
-                reusable |= dict(zip((c.id for c in segment.chunks(rows)), segment.vectors(rows), strict=True))
-        fresh = [c for chunks in new_chunks.values() for c in chunks]
-        to_embed = [c for c in fresh if c.id not in reusable]
-        if on_progress:
-            on_progress(0.5, f"embedding {len(to_embed)} chunks")
-        embedded = embedder.encode([c.indexed_text for c in to_embed], progress=progress)
-        reusable |= dict(zip((c.id for c in to_embed), embedded, strict=True))
-        return fresh, np.stack([reusable[c.id] for c in fresh]).astype(np.float32)
 
     def _stage(self, chunks: list[Chunk], vectors: np.ndarray, sources: dict[str, dict], words: Postings,
                characters: Postings) -> Path:

@@ -29,7 +29,7 @@ import numpy as np
 from common.language import HAN
 from knowledge.chunking import Chunk, language_counts
 from knowledge.config import KnowledgeConfig
-from knowledge.embedder import EMBEDDED_NAME, Embedder
+from knowledge.embedder import EMBEDDED_NAME, Background, Embedder
 from knowledge.fusion import RRF_K
 from knowledge.lexical import STOPWORDS, character_terms, normalized
 from knowledge.store import IndexError_, Report, Scored, chunk_languages, read_files
@@ -239,12 +239,13 @@ class MilvusStore:
                               "build`")
         self.embedder_name = embedder.name
         known = {} if self.replaces else self.sources
-        report, new_chunks, new_sources = read_files(paths, self.config, known, progress, on_progress)
+        with Background(embedder, progress) as embedding:  # files are embedded while the next ones are read
+            report, new_chunks, new_sources = read_files(
+                paths, self.config, known, progress, on_progress,
+                lambda source, chunks: embedding.add([c.indexed_text for c in chunks]))
+            vectors = embedding.vectors(on_progress)
         if new_chunks:
             fresh = [c for chunks in new_chunks.values() for c in chunks]
-            if on_progress:
-                on_progress(0.5, f"embedding {len(fresh)} chunks")
-            vectors = embedder.encode([c.indexed_text for c in fresh], progress=progress)
             self._create(vectors.shape[1], drop=self.replaces)
             self.replaces = False
             rows = [_row(c, v, new_sources[c.source]["sha256"]) for c, v in zip(fresh, vectors, strict=True)]

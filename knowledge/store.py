@@ -72,11 +72,13 @@ def _file_digest(path: Path, max_bytes: int) -> str:
 
 
 def read_files(paths: list[Path], config: KnowledgeConfig, known: dict[str, dict], progress: bool = True,
-               on_progress: Callable[[float, str], None] | None = None
+               on_progress: Callable[[float, str], None] | None = None,
+               on_file: Callable[[str, list[Chunk]], None] | None = None
                ) -> tuple[Report, dict[str, list[Chunk]], dict[str, dict]]:
     """The new and changed files under `paths` (`known`: the sources indexed now), read and chunked: (report,
     source → chunks, source → metadata). A file that cannot be read is reported and skipped; an unchanged one
-    (same SHA-256) is not read beyond its hash."""
+    (same SHA-256) is not read beyond its hash. `on_file(source, chunks)` is called as each file is chunked, so
+    that its chunks are embedded (`knowledge.embedder.Background`) while the next files are read."""
     report = Report()
     new_chunks: dict[str, list[Chunk]] = {}
     new_sources: dict[str, dict] = {}
@@ -96,6 +98,8 @@ def read_files(paths: list[Path], config: KnowledgeConfig, known: dict[str, dict
             continue
         (report.updated if source in known else report.added).append(source)
         new_chunks[source] = chunks
+        if on_file:
+            on_file(source, chunks)
         new_sources[source] = {"path": str(path.resolve()), "sha256": digest,
                                "added": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return report, new_chunks, new_sources

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from chatbot.config import ChatConfig
+from knowledge.config import KnowledgeConfig
 from knowledge.embedded import KnowledgeBase
 from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import tokenize, words
@@ -114,7 +115,6 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_the_onnx_int8_embedder_agrees_with_torch_and_is_kept_with_its_index(embedder, tmp_path):
     import numpy as np
 
-    from knowledge.config import KnowledgeConfig
     from knowledge.embedder import Embedder
     from knowledge.store import IndexError_
 
@@ -134,6 +134,34 @@ def test_the_onnx_int8_embedder_agrees_with_torch_and_is_kept_with_its_index(emb
     with pytest.raises(IndexError_, match="onnx int8"):
         KnowledgeBase.open(folder).add([write_docs(tmp_path / "more")], embedder, progress=False)
     assert np.isfinite(fast.encode(["x"])).all()
+
+
+def test_the_openvino_embedder_gives_torchs_vectors_and_serves_a_torch_index(embedder, tmp_path):
+    from knowledge.embedder import Embedder
+
+    assert embedder.backend == "openvino", "auto: OpenVINO on a CPU where it is installed"
+    torch = Embedder(backend="torch")
+    assert torch.name == embedder.name, "the same vectors, so an index built by one is searched by the other"
+    # a padded batch (the mask must count), one text, Chinese, and more texts than one batch holds
+    texts = ["LoRA freezes the base weights and trains two small matrices in each attention layer.", "short",
+             "困惑度是语言模型的评估指标。", *[f"Sentence number {i} about early stopping." for i in range(20)]]
+    for batch in (texts, texts[1:2]):
+        cosine = (embedder.encode(batch) * torch.encode(batch)).sum(axis=1)
+        assert cosine.min() > 0.999, cosine
+
+    folder = tmp_path / "index"
+    KnowledgeBase.open(folder, KnowledgeConfig(embedding_backend="torch")).add([write_docs(tmp_path / "docs")],
+                                                                              torch, progress=False)
+    hits = Retriever(KnowledgeBase.open(folder), embedder).search("What does dropout do?", k=1, mode="dense")
+    assert hits[0].chunk.source == "en/dropout.md"
+
+
+def test_importing_openvino_reports_nothing(tmp_path):
+    """Importing openvino sends a usage event to Intel (and writes ~/intel) unless told not to; ours does not."""
+    env = {key: value for key, value in os.environ.items() if key != "CI"} | {"HOME": str(tmp_path)}
+    code = "from knowledge.embedder import _openvino; _openvino().Core()"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
+    assert not (tmp_path / "intel").exists()
 
 
 def test_the_pydoc_evaluation_set_matches_the_corpus_it_is_asked_of(tmp_path):

@@ -304,3 +304,47 @@ def test_an_index_of_the_earlier_format_is_upgraded(tmp_path, docs, tiny_embedde
     kb = consistent(folder)
     assert sorted(kb.sources) == ["lora.md", "rag.md"] and not generation.exists()
     assert kb.search("LoRA base weights", None, 1, "lexical")[0].chunk.source == "lora.md"
+
+
+def test_background_embedding_keeps_the_order_of_the_texts_and_reports_its_errors(tiny_embedder):
+    from knowledge.embedder import Background
+
+    texts = [f"text {i} " + "word " * (i % 7) for i in range(150)]  # lengths vary: windows are sorted inside
+    job = Background(tiny_embedder)
+    for start in range(0, len(texts), 11):  # file by file, as read_files calls it
+        job.add(texts[start:start + 11])
+    fractions: list[float] = []
+    vectors = job.vectors(lambda fraction, text: fractions.append(fraction))
+    assert np.allclose(vectors, tiny_embedder.encode(texts))
+    assert all(0.5 <= f <= 1 for f in fractions)
+
+    class Failing:
+        dimension = 4
+
+        def encode(self, texts):
+            raise RuntimeError("the model failed")
+
+    job = Background(Failing())
+    job.add(["a", "b"])
+    with pytest.raises(RuntimeError, match="the model failed"):
+        job.vectors()
+    with Background(tiny_embedder) as job:  # an error before vectors(): the thread stops, nothing waits
+        job.add(["a"])
+    job.thread.join(5)
+    assert not job.thread.is_alive()
+
+
+def test_a_file_that_fails_to_read_midway_leaves_the_index_as_it_was(tmp_path, tiny_embedder, monkeypatch):
+    import knowledge.store
+
+    folder = tmp_path / "index"
+    KnowledgeBase.open(folder).add([CORPUS / "en"], tiny_embedder, progress=False)
+    before = len(KnowledgeBase.open(folder))
+
+    def broken(*args, **kwargs):
+        raise MemoryError("out of memory while chunking")
+
+    monkeypatch.setattr(knowledge.store, "chunk_document", broken)
+    with pytest.raises(MemoryError):
+        KnowledgeBase.open(folder).add([CORPUS / "zh"], tiny_embedder, progress=False)
+    assert len(consistent(folder)) == before
