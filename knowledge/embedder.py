@@ -158,7 +158,6 @@ class Background:
         if texts:
             self.received += len(texts)
             self.bar.total = self.received
-            self.bar.refresh()
             self.arrived.put(texts)
 
     def vectors(self, on_progress: Callable[[float, str], None] | None = None) -> np.ndarray:

@@ -66,23 +66,28 @@ def words(text: str, search: bool = False) -> list[str]:
 
 def tokenize(text: str) -> list[str]:
     """Index/query terms of `text`, in order, without stopwords: `words` in search mode, Latin words split at
-    hyphens and reduced to the singular."""
+    hyphens and reduced to the singular. In text with Chinese in it, Latin words are names ("实现了 From 以后还要实现
+    Into 吗？": the traits From and Into), so no English stopword is dropped there."""
+    names = bool(HAN.search(text))
     terms: list[str] = []
     for word in words(text, search=True):
-        if word not in STOPWORDS:  # before stemming too: "does" would become the term "doe"
-            terms += [word] if HAN.match(word) else _latin_terms(word)
-    return [t for t in terms if t not in STOPWORDS]
+        if HAN.match(word):
+            terms += [word] if word not in STOPWORDS else []
+        elif names or word not in STOPWORDS:  # before stemming too: "does" would become the term "doe"
+            terms += [t for t in _latin_terms(word) if names or t not in STOPWORDS]
+    return terms
 
 
 def normalized(text: str) -> str:
     """`text` for an engine that segments Chinese itself with jieba (Milvus): runs of Chinese as they are, Latin words
     as `tokenize` turns them into terms (lower case, singular, hyphenated ones also split), separated by spaces."""
+    names = bool(HAN.search(text))
     parts = []
     for han, latin in _RUN.findall(text):
         if han:
             parts.append(han)
-        elif latin.lower() not in STOPWORDS:
-            parts += [t for t in _latin_terms(latin.lower()) if t not in STOPWORDS]
+        elif names or latin.lower() not in STOPWORDS:
+            parts += [t for t in _latin_terms(latin.lower()) if names or t not in STOPWORDS]
     return " ".join(parts)
 
 
@@ -105,10 +110,14 @@ def _stem(word: str) -> str:
 
 def character_terms(text: str) -> list[str]:
     """Chinese characters one by one (without function characters like 的 and 是), other words as `tokenize`."""
+    names = bool(HAN.search(text))
     terms: list[str] = []
     for han, word in _RUN.findall(text):
-        terms += [c for c in han if c not in STOPWORDS] if han else _latin_terms(word.lower())
-    return [t for t in terms if t not in STOPWORDS]
+        if han:
+            terms += [c for c in han if c not in STOPWORDS]
+        else:
+            terms += [t for t in _latin_terms(word.lower()) if names or t not in STOPWORDS]
+    return terms
 
 
 K1, B = 1.5, 0.75  # bm25s's Lucene defaults, with which the retrieval figures in the README were measured

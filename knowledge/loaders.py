@@ -64,8 +64,15 @@ def _read_html(data: bytes) -> list[Block]:
     soup = soup.find("main") or soup.find(attrs={"role": "main"}) or soup.find("article") or soup
     lines = []
     for element in soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "blockquote"]):
+        if element.find_parent(["p", "li", "td", "blockquote"]):
+            continue
+        if element.name == "pre":  # code keeps its lines, fenced as in Markdown (knowledge.chunking keeps it apart)
+            code = element.get_text().strip("\n")
+            if code.strip():
+                lines.append(f"```\n{code}\n```")
+            continue
         text = " ".join(element.get_text(" ", strip=True).split())
-        if text and not element.find_parent(["p", "li", "td", "blockquote"]):
+        if text:
             lines.append("#" * int(element.name[1]) + " " + text if element.name[0] == "h" else text)
     if not lines:  # a page without block tags: take its text as it is
         lines = [soup.get_text("\n", strip=True)]

@@ -71,3 +71,26 @@ def test_question_answer_pairs_stay_whole():
 def test_pdf_page_numbers_reach_the_citation():
     document = Document("r.pdf", [Block("Page one text.", page=1), Block("Page two text.", page=2)])
     assert [c.label for c in chunk_document(document)] == ["r.pdf, page 1", "r.pdf, page 2"]
+
+
+def test_code_blocks_are_chunks_of_their_own_and_their_comments_are_not_headings():
+    text = ("# Loops\n\nA loop repeats its body.\n\n```python\n# count to three\nfor i in range(3):\n    print(i)\n```"
+            "\n\nIt stops when the range is exhausted.\n\n## Next\n\nMore prose.")
+    chunks = chunk_document(doc(text), budget=100, overlap=10)
+    assert [(c.heading, c.text) for c in chunks] == [
+        ("Loops", "A loop repeats its body. It stops when the range is exhausted."),  # the prose around the code
+        ("Loops", "# count to three\nfor i in range(3):\n    print(i)"),  # its lines kept, the comment no heading
+        ("Loops › Next", "More prose.")]
+
+
+def test_chunks_fit_the_embedders_window_in_text_full_of_symbols():
+    from knowledge.chunking import _PIECE, WINDOW
+
+    table = "\n".join("| +-----------+--------------------+ | row | value |" for _ in range(40))
+    code = "```\n" + "\n".join(f"x[{i}] = f(y[{i}], z[{i}]) * {i};" for i in range(200)) + "\n```"
+    for text in (table, "Intro sentence. " + table, code):
+        chunks = chunk_document(doc(text), budget=160, overlap=30)
+        assert len(chunks) > 1
+        assert all(len(_PIECE.findall(c.indexed_text)) <= WINDOW for c in chunks), "MiniLM would truncate them"
+    # Words alone would allow all of the table in one chunk: the punctuation is what WordPiece spends tokens on.
+    assert count_tokens(table) <= 160

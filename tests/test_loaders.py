@@ -95,3 +95,11 @@ def test_find_files_names_sources_relative_to_the_folder(tmp_path):
     assert [source for _, source in found] == ["a.md", "sub/b.txt", "single.txt"]
     with pytest.raises(FileNotFoundError):
         find_files([tmp_path / "missing"])
+
+
+def test_html_code_keeps_its_lines_in_a_fenced_block(tmp_path):
+    (tmp_path / "page.html").write_text(
+        "<main><h1>发散函数</h1><p>发散函数永不返回。</p><pre><code>fn foo() -> ! {\n    panic!(\"永不返回\");\n}\n"
+        "</code></pre></main>")
+    text = load_file(tmp_path / "page.html").blocks[0].text
+    assert text == "# 发散函数\n\n发散函数永不返回。\n\n```\nfn foo() -> ! {\n    panic!(\"永不返回\");\n}\n```", text

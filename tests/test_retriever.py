@@ -40,6 +40,12 @@ def test_jieba_segments_chinese_and_drops_function_words():
     assert tokenize("over-fitting models") == ["over", "fitting", "overfitting", "model"]
 
 
+def test_latin_words_in_chinese_text_are_names_not_stopwords():
+    terms = ["实现", "from", "以后", "还", "需要", "再", "实现", "into"]
+    assert tokenize("实现了 From 以后还需要再实现 Into 吗？") == terms
+    assert tokenize("Does it come from the file or into it?") == ["come", "file"], "English keeps its stopwords"
+
+
 def test_words_keep_everything_for_scoring_text():
     assert words("LoRA 是一种微调方法, over-fitting!") == ["lora", "是", "一种", "微调", "方法", "over-fitting"]
     assert tokenize("LoRA 是一种微调方法") == ["lora", "微调", "方法"], "terms drop function words"
