@@ -12,7 +12,8 @@ seconds):
 - retrieval: fused search versus BM25 alone over the bundled knowledge base, per query;
 - answers: a whole extractive answer (retrieval + sentence choice) per question, English and Chinese;
 - vector search: HNSW versus exact FAISS search over 50,000 clustered normalised vectors, with HNSW's recall;
-- indexing: chunks per second when building the bundled corpus (reading, chunking, embedding, writing).
+- indexing: chunks per second when building the bundled corpus with each embedder backend (`benchmarks/filling.py`
+  does it for every evaluation corpus).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +32,12 @@ if str(ROOT) not in sys.path:  # run as a script
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.filling import corpus_rows, embedders  # noqa: E402
 from chatbot.assistant import Assistant  # noqa: E402
 from chatbot.chat_format import render_prompt  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import GenerationOptions, Usage  # noqa: E402
 from chatbot.hf_engine import TransformersEngine as Engine  # noqa: E402
-from knowledge.embedded import KnowledgeBase  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
 from knowledge.segment import build_faiss  # noqa: E402
@@ -120,32 +120,6 @@ def vector_rows(repeat: int) -> list[tuple[str, str, str]]:
              f"{approximate_s / exact_s:.2f}x (recall@5 {recall:.3f})")]
 
 
-def indexing_rows(embedder: Embedder, repeat: int) -> list[tuple[str, str, str]]:
-    """Building the bundled corpus (reading, chunking, embedding, writing) with the torch embedder in float32, in
-    bfloat16 (the default on a CPU that has bfloat16 instructions) and with its onnx int8 export
-    (`--embedding-backend onnx`), alternated."""
-    fast = Embedder(backend="onnx")
-    native = embedder.bf16
-    rates: dict[str, list[float]] = {"float32": [], "bfloat16": [], "onnx": []}
-    for _ in range(repeat):
-        for name in rates if native else ("float32", "onnx"):
-            embedder.bf16 = name == "bfloat16"
-            with tempfile.TemporaryDirectory() as folder:
-                start = time.perf_counter()
-                report = KnowledgeBase.open(Path(folder)).add([BUNDLED_CORPUS], fast if name == "onnx" else embedder,
-                                                              progress=False)
-                rates[name].append(report.chunks / (time.perf_counter() - start))
-    embedder.bf16 = native
-    base = statistics.median(rates["float32"])
-    rows = [("building the bundled corpus, torch embedder (float32)", f"{base:.0f} chunks/s",
-             f"1.00x ({report.chunks} chunks)")]
-    labels = {"bfloat16": "torch embedder in bfloat16 (the default here)", "onnx": "onnx int8 embedder"}
-    for name in ("bfloat16", "onnx") if native else ("onnx",):
-        rate = statistics.median(rates[name])
-        rows.append((f"building the bundled corpus, {labels[name]}", f"{rate:.0f} chunks/s", f"{rate / base:.2f}x"))
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is printed)")
@@ -157,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         retriever = Retriever(kb, embedder)
         assistant = Assistant(engine, ChatConfig(), retriever)
         rows = generation_rows(engine, args.repeat) + retrieval_rows(retriever, assistant, args.repeat)
-    rows += vector_rows(args.repeat) + indexing_rows(embedder, args.repeat)
+    rows += vector_rows(args.repeat) + corpus_rows("bundled", BUNDLED_CORPUS, embedders(), args.repeat)
     print(f"\n{torch.get_num_threads()} CPU threads, torch {torch.__version__}, model {engine.name}\n")
     print("| measurement | value | ratio / note |\n|---|---|---|")
     for name, value, note in rows:

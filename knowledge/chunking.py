@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from common.language import CJK_RANGES, detect_language
 from knowledge.loaders import Document
@@ -61,9 +62,16 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
+@lru_cache(maxsize=4096)
+def _size(part: str) -> tuple[int, int]:
+    """(words, pieces) of a sentence or line, measured once however often packing weighs it."""
+    return count_tokens(part), len(_PIECE.findall(part))
+
+
 def _fits(parts: list[str], budget: int) -> bool:
     """Whether `parts` together keep to `budget` words and to the embedder's window (`WINDOW`)."""
-    return sum(map(count_tokens, parts)) <= budget and sum(len(_PIECE.findall(p)) for p in parts) <= WINDOW
+    sizes = [_size(p) for p in parts]
+    return sum(w for w, _ in sizes) <= budget and sum(p for _, p in sizes) <= WINDOW
 
 
 def language_counts(chunks: list[Chunk]) -> dict[str, int]:
@@ -152,7 +160,7 @@ def pack(sentences: list[str], budget: int, overlap: int) -> list[str]:
             chunks.append(current)
             carried: list[str] = []
             for previous in reversed(current):  # (what is carried over leaves room for the sentence)
-                if (sum(map(count_tokens, carried)) + count_tokens(previous) > overlap
+                if (sum(_size(p)[0] for p in [previous, *carried]) > overlap
                         or not _fits([previous, *carried, sentence], budget)):
                     break
                 carried.insert(0, previous)
@@ -185,21 +193,24 @@ def _cut(sentence: str, budget: int) -> tuple[str, str]:
 def chunk_document(document: Document, budget: int = 160, overlap: int = 30) -> list[Chunk]:
     chunks, seen = [], set()
     for block in document.blocks:
+        pieces: list[tuple[str, str, str | None]] = []  # (heading, text, language; None: detect it from the text)
         if block.qa:
-            pieces = [("", block.text)]
+            pieces.append(("", block.text, None))
         else:
             # A section's code blocks are chunks of their own, packed together after its prose, which is packed
             # as if they were not there: a question in words is answered by the prose, and a chunk that mixes
-            # both would match it through the words repeated in the code and its comments.
-            pieces = []
+            # both would match it through the words repeated in the code and its comments. Code is in the
+            # language of the prose around it (a Chinese page's examples are for Chinese readers).
             for heading, body in sections(block.text):
-                prose = "\n\n".join(run for code, run in runs(body) if not code)
-                code = "\n\n".join(run for code, run in runs(body) if code)
-                pieces += [(heading, text) for text in pack(split_sentences(prose), budget, overlap)]
-                pieces += [(heading, text) for text in pack_code(code, budget)]
-        for heading, text in pieces:
+                prose = pack(split_sentences("\n\n".join(run for code, run in runs(body) if not code)), budget,
+                             overlap)
+                code = pack_code("\n\n".join(run for code, run in runs(body) if code), budget)
+                language = detect_language(prose[0]) if prose and code else None
+                pieces += [(heading, text, None) for text in prose] + [(heading, text, language) for text in code]
+        for heading, text, language in pieces:
             cid = chunk_id(document.source, f"{block.page}\n{heading}\n{text}")
             if cid not in seen:  # the same text twice in one file is indexed once
                 seen.add(cid)
-                chunks.append(Chunk(cid, document.source, text, heading, block.page, detect_language(text)))
+                chunks.append(Chunk(cid, document.source, text, heading, block.page,
+                                    language or detect_language(text)))
     return chunks

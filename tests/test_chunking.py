@@ -81,6 +81,9 @@ def test_code_blocks_are_chunks_of_their_own_and_their_comments_are_not_headings
         ("Loops", "A loop repeats its body. It stops when the range is exhausted."),  # the prose around the code
         ("Loops", "# count to three\nfor i in range(3):\n    print(i)"),  # its lines kept, the comment no heading
         ("Loops › Next", "More prose.")]
+    code = "```\nfor i in 0..3 {\n    println!(\"{}\", i);\n}\n```"
+    chinese = chunk_document(doc(f"# 循环\n\n循环会重复执行它的代码块。\n\n{code}"))
+    assert [c.language for c in chinese] == ["zh", "zh"], "code is in the language of the prose around it"
 
 
 def test_chunks_fit_the_embedders_window_in_text_full_of_symbols():

@@ -1,0 +1,111 @@
+"""How fast a knowledge base fills: chunks per second building each evaluation corpus with each embedder backend.
+
+    python benchmarks/filling.py               # about nine minutes on 2 CPU cores
+    python benchmarks/filling.py --repeat 5 --corpora bundled
+
+Corpora: the bundled documents, Python's pydoc topics and the Chinese Rust by Example (where rustup installed it;
+`knowledge.eval.external`). Each build is a whole `KnowledgeBase.add` into a new folder: reading, chunking,
+embedding, BM25 postings, writing. Backends, alternated and each the median of --repeat builds: torch in float32
+(the baseline, ratio 1.00x), torch in bfloat16 (on a CPU with bfloat16 instructions), openvino (the default on a
+CPU) and onnx int8 (`--embedding-backend onnx`). One build of each corpus runs first and is not counted (jieba
+loads its dictionary then). Two more figures show where the default's time goes: reading and chunking alone, and
+embedding the same chunks alone (the build does both at once, `knowledge.embedder.Background`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from knowledge.config import KnowledgeConfig  # noqa: E402
+from knowledge.embedded import KnowledgeBase  # noqa: E402
+from knowledge.embedder import Embedder  # noqa: E402
+from knowledge.eval.external import rust_by_example_zh, write_pydoc, write_rust_zh  # noqa: E402
+from knowledge.store import BUNDLED_CORPUS, read_files  # noqa: E402
+
+Row = tuple[str, str, str]
+
+
+def corpora(names: list[str], scratch: Path) -> dict[str, Path]:
+    found = {"bundled": BUNDLED_CORPUS, "pydoc": write_pydoc(scratch / "pydoc")}
+    if rust_by_example_zh() is not None:
+        found["rust-zh"] = write_rust_zh(scratch / "rust-zh")
+    return {name: folder for name, folder in found.items() if name in names}
+
+
+def embedders() -> dict[str, tuple[Embedder, bool]]:
+    """label → (embedder, bf16 on or off for the torch one)."""
+    torch_embedder = Embedder(backend="torch")
+    variants = {"torch, float32": (torch_embedder, False)}
+    if torch_embedder.bf16:
+        variants["torch, bfloat16"] = (torch_embedder, True)
+    variants["openvino (the default on a CPU)"] = (Embedder(backend="openvino"), False)
+    variants["onnx int8 (`--embedding-backend onnx`)"] = (Embedder(backend="onnx"), False)
+    return variants
+
+
+def build_seconds(corpus: Path, embedder: Embedder) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        report = KnowledgeBase.open(Path(folder) / "index").add([corpus], embedder, progress=False)
+        return time.perf_counter() - start, report.chunks
+
+
+def corpus_rows(name: str, corpus: Path, variants: dict[str, tuple[Embedder, bool]], repeat: int) -> list[Row]:
+    default = next(e for label, (e, _) in variants.items() if label.startswith("openvino"))
+    build_seconds(corpus, default)  # not counted: jieba's dictionary, the first run of each code path
+    seconds: dict[str, list[float]] = {label: [] for label in variants}
+    for _ in range(repeat):
+        for label, (embedder, bf16) in variants.items():
+            embedder.bf16 = bf16 if embedder.backend == "torch" else embedder.bf16
+            elapsed, chunks = build_seconds(corpus, embedder)
+            seconds[label].append(elapsed)
+    start = time.perf_counter()
+    _, new_chunks, _ = read_files([corpus], KnowledgeConfig(), {}, progress=False)
+    reading = time.perf_counter() - start
+    texts = [c.indexed_text for file_chunks in new_chunks.values() for c in file_chunks]
+    start = time.perf_counter()
+    default.encode(texts)
+    embedding = time.perf_counter() - start
+    tokens = sum(min(len(ids), default.model.max_seq_length)
+                 for ids in default.model.tokenizer(texts)["input_ids"])
+
+    base = chunks / statistics.median(seconds["torch, float32"])
+    rows = []
+    for label in variants:
+        rate = chunks / statistics.median(seconds[label])
+        note = f"{rate / base:.2f}x" + (f" ({chunks} chunks, {tokens / chunks:.0f} tokens each)"
+                                        if label == "torch, float32" else "")
+        rows.append((f"{name}: building, {label}", f"{rate:.0f} chunks/s", note))
+    rows.append((f"{name}: reading and chunking alone", f"{reading:.2f} s", ""))
+    rows.append((f"{name}: embedding alone, openvino", f"{embedding:.2f} s", f"{chunks / embedding:.0f} chunks/s, "
+                                                                              f"{tokens / embedding:.0f} tokens/s"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="builds per figure (the median is printed)")
+    parser.add_argument("--corpora", default="bundled,pydoc,rust-zh", help="comma-separated: bundled, pydoc, rust-zh")
+    args = parser.parse_args(argv)
+    variants = embedders()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, corpus in corpora(args.corpora.split(","), Path(scratch)).items():
+            rows += corpus_rows(name, corpus, variants, args.repeat)
+    print("\n| measurement | value | ratio / note |\n|---|---|---|")
+    for name, value, note in rows:
+        print(f"| {name} | {value} | {note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
