@@ -101,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name, corpus in corpora(args.corpora.split(","), Path(scratch)).items():
             rows += corpus_rows(name, corpus, variants, args.repeat)
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[Row]) -> None:
     print("\n| measurement | value | ratio / note |\n|---|---|---|")
     for name, value, note in rows:
         print(f"| {name} | {value} | {note} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # run as a script
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.filling import corpus_rows, embedders  # noqa: E402
+from benchmarks.filling import corpus_rows, embedders, print_table  # noqa: E402
 from chatbot.assistant import Assistant  # noqa: E402
 from chatbot.chat_format import render_prompt  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
@@ -132,10 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         assistant = Assistant(engine, ChatConfig(), retriever)
         rows = generation_rows(engine, args.repeat) + retrieval_rows(retriever, assistant, args.repeat)
     rows += vector_rows(args.repeat) + corpus_rows("bundled", BUNDLED_CORPUS, embedders(), args.repeat)
-    print(f"\n{torch.get_num_threads()} CPU threads, torch {torch.__version__}, model {engine.name}\n")
-    print("| measurement | value | ratio / note |\n|---|---|---|")
-    for name, value, note in rows:
-        print(f"| {name} | {value} | {note} |")
+    print(f"\n{torch.get_num_threads()} CPU threads, torch {torch.__version__}, model {engine.name}")
+    print_table(rows)
     return 0
 
 
