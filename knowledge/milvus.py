@@ -239,13 +239,26 @@ class MilvusStore:
                               "build`")
         self.embedder_name = embedder.name
         known = {} if self.replaces else self.sources
+        reused: dict[str, np.ndarray] = {}  # the unchanged chunks of changed files keep their vectors
+        embedded: list[str] = []  # ids of the chunks given to the embedder, in order
+
+        def chunked(source: str, chunks: list[Chunk]) -> None:  # called as each file is read
+            if source in known:
+                ids = {c.id for c in chunks}
+                for row in self.client.query(self.collection, filter=f"source == {_quoted(source)}",
+                                             output_fields=["chunk_id", "dense"]):
+                    if row["chunk_id"] in ids:
+                        reused[row["chunk_id"]] = np.asarray(row["dense"], np.float32)
+            fresh = [c for c in chunks if c.id not in reused]
+            embedded.extend(c.id for c in fresh)
+            embedding.add([c.indexed_text for c in fresh])
+
         with Background(embedder, progress) as embedding:  # files are embedded while the next ones are read
-            report, new_chunks, new_sources = read_files(
-                paths, self.config, known, progress, on_progress,
-                lambda source, chunks: embedding.add([c.indexed_text for c in chunks]))
-            vectors = embedding.vectors(on_progress)
+            report, new_chunks, new_sources = read_files(paths, self.config, known, progress, on_progress, chunked)
+            by_id = dict(zip(embedded, embedding.vectors(on_progress), strict=True)) | reused
         if new_chunks:
             fresh = [c for chunks in new_chunks.values() for c in chunks]
+            vectors = np.stack([by_id[c.id] for c in fresh])
             self._create(vectors.shape[1], drop=self.replaces)
             self.replaces = False
             rows = [_row(c, v, new_sources[c.source]["sha256"]) for c, v in zip(fresh, vectors, strict=True)]

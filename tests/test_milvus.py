@@ -31,7 +31,17 @@ def test_build_add_change_remove_and_search(tmp_path, docs, tiny_embedder):
         "lora.md": 2, "rag.md": 1}
     assert sorted(store.add([docs], tiny_embedder, progress=False).unchanged) == ["lora.md", "rag.md"]
     (docs / "lora.md").write_text("# LoRA\n\nLoRA freezes the base weights.\n\n## Size\n\nAdapters are tiny.")
-    assert store.add([docs], tiny_embedder, progress=False).updated == ["lora.md"]
+    embedded: list[str] = []
+
+    class Counting:  # the same vectors, and a record of which texts needed them
+        name, dimension = tiny_embedder.name, tiny_embedder.dimension
+
+        def encode(self, texts, **options):
+            embedded.extend(texts)
+            return tiny_embedder.encode(texts)
+
+    assert store.add([docs], Counting(), progress=False).updated == ["lora.md"]
+    assert embedded == ["LoRA › Size\nAdapters are tiny."], "the unchanged chunk of the changed file keeps its vector"
     assert texts(store, "adapters tiny") == ["Adapters are tiny."], "the old version of a changed file is gone"
     assert len(store) == 3 and store.lexical.df("lora") == 2 and store.lexical.df("adapter") == 1
 

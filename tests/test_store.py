@@ -309,14 +309,22 @@ def test_an_index_of_the_earlier_format_is_upgraded(tmp_path, docs, tiny_embedde
 def test_background_embedding_keeps_the_order_of_the_texts_and_reports_its_errors(tiny_embedder):
     from knowledge.embedder import Background
 
+    class Slow:  # a window takes 0.3 s, as on a large build, so that progress is reported on the way
+        dimension = tiny_embedder.dimension
+
+        def encode(self, texts):
+            time.sleep(0.3)
+            return tiny_embedder.encode(texts)
+
     texts = [f"text {i} " + "word " * (i % 7) for i in range(150)]  # lengths vary: windows are sorted inside
-    job = Background(tiny_embedder)
+    job = Background(Slow())
     for start in range(0, len(texts), 11):  # file by file, as read_files calls it
         job.add(texts[start:start + 11])
-    fractions: list[float] = []
-    vectors = job.vectors(lambda fraction, text: fractions.append(fraction))
+    reports: list[tuple[float, str]] = []
+    vectors = job.vectors(lambda fraction, text: reports.append((fraction, text)))
     assert np.allclose(vectors, tiny_embedder.encode(texts))
-    assert all(0.5 <= f <= 1 for f in fractions)
+    assert reports and all(0.5 <= f <= 1 for f, _ in reports)
+    assert all(text.startswith("embedding: ") and text.endswith(" s left") for _, text in reports), reports
 
     class Failing:
         dimension = 4
