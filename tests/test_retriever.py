@@ -181,3 +181,24 @@ def test_the_pydoc_evaluation_set_matches_the_corpus_it_is_asked_of(tmp_path):
         listed = question["source"] if isinstance(question["source"], list) else [question["source"]]
         holding = sorted(p.name for p in corpus.glob("*.txt") if question["key_phrase"] in p.read_text())
         assert holding == sorted(listed), question["question"]  # every file that holds the answer, and only those
+
+
+@pytest.mark.parametrize("name", ["rust-zh", "man-zh"])
+def test_the_chinese_evaluation_sets_match_their_corpora(tmp_path, name):
+    """Every key phrase lies whole inside a chunk of a file the question names (or the question could not be
+    answered); the corpora are the ones installed on the machine, skipped where they are not."""
+    from knowledge.eval.external import CORPORA, MAN_ZH_QUESTIONS, RUST_ZH_QUESTIONS
+    from knowledge.evaluate import read_jsonl
+    from knowledge.store import read_files
+
+    try:
+        corpus = CORPORA[name](tmp_path / name)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    _, chunks, _ = read_files([corpus], KnowledgeConfig(), {}, progress=False)
+    questions = read_jsonl(RUST_ZH_QUESTIONS if name == "rust-zh" else MAN_ZH_QUESTIONS)
+    assert len(questions) >= 30 and all(q["language"] == "zh" for q in questions)
+    for question in questions:
+        listed = question["source"] if isinstance(question["source"], list) else [question["source"]]
+        assert any(question["key_phrase"] in chunk.indexed_text for source in listed
+                   for chunk in chunks.get(source, [])), question["question"]

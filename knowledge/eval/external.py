@@ -7,22 +7,33 @@ is never copied into the repository):
   (`~/.rustup/toolchains/*/share/doc/rust/html/rust-by-example/zh`), its 197 chapter pages as HTML (the one-page
   `print.html` and the table of contents left out); questions in `knowledge/eval/rust_zh_questions.jsonl` (written
   for this project, each with a short phrase of the passage that answers it).
+- `man-zh`: the Chinese manual pages Debian installs with man-db and passwd (`/usr/share/man/zh_CN`: man, apropos,
+  mandb, passwd, shadow...), rendered by `man` to Markdown-like text, 47 pages; questions in
+  `knowledge/eval/man_zh_questions.jsonl` (written for this project after every change to retrieval was made, and
+  measured once).
 
     python -m knowledge.eval.external pydoc /tmp/pydoc-corpus
     python -m knowledge evaluate --corpus /tmp/pydoc-corpus --questions knowledge/eval/pydoc_questions.jsonl
     python -m knowledge.eval.external rust-zh /tmp/rust-zh-corpus
     python -m knowledge evaluate --corpus /tmp/rust-zh-corpus --questions knowledge/eval/rust_zh_questions.jsonl
+    python -m knowledge.eval.external man-zh /tmp/man-zh-corpus
+    python -m knowledge evaluate --corpus /tmp/man-zh-corpus --questions knowledge/eval/man_zh_questions.jsonl
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 PYDOC_QUESTIONS = Path(__file__).resolve().parent / "pydoc_questions.jsonl"
 RUST_ZH_QUESTIONS = Path(__file__).resolve().parent / "rust_zh_questions.jsonl"
 RUST_BY_EXAMPLE = "share/doc/rust/html/rust-by-example/zh"
+MAN_ZH = "/usr/share/man/zh_CN"
+MAN_ZH_QUESTIONS = Path(__file__).resolve().parent / "man_zh_questions.jsonl"
 
 
 def write_pydoc(folder: Path) -> Path:
@@ -55,7 +66,27 @@ def write_rust_zh(folder: Path) -> Path:
     return folder
 
 
-CORPORA = {"pydoc": write_pydoc, "rust-zh": write_rust_zh}
+def write_man_zh(folder: Path) -> Path:
+    """The Chinese manual pages installed here (man-db's and shadow's, /usr/share/man/zh_CN), rendered by `man` to
+    text, one `<section>/<name>.md` each: the page's sections (名称, 描述, 选项, ...) become headings."""
+    pages = sorted(Path(MAN_ZH).glob("man*/*.gz"))
+    if not pages or shutil.which("man") is None:
+        raise FileNotFoundError(f"no Chinese manual pages in {MAN_ZH} (Debian installs them with man-db and passwd), "
+                                "or no `man` to render them")
+    for page in pages:  # one line per paragraph (a wide page), neither justified nor hyphenated
+        command = ["man", "-l", "--nj", "--nh", "--encoding=UTF-8", str(page)]
+        rendered = subprocess.run(command, capture_output=True, check=True,
+                                  env={**os.environ, "MANWIDTH": "1000", "MAN_KEEP_FORMATTING": ""}).stdout
+        lines = re.sub(r".\x08", "", rendered.decode("utf-8", "replace")).splitlines()[1:-1]  # no header, footer
+        name = page.name.removesuffix(".gz")
+        text = "\n".join(f"## {line.strip()}" if line.strip() and not line[0].isspace() else line for line in lines)
+        target = folder / page.parent.name / f"{name.rsplit('.', 1)[0]}.md"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"# {name}\n\n{text}\n", encoding="utf-8")
+    return folder
+
+
+CORPORA = {"pydoc": write_pydoc, "rust-zh": write_rust_zh, "man-zh": write_man_zh}
 
 
 def main(argv: list[str] | None = None) -> int:
