@@ -75,15 +75,16 @@ def corpus_rows(name: str, corpus: Path, variants: dict[str, tuple[Embedder, boo
     start = time.perf_counter()
     default.encode(texts)
     embedding = time.perf_counter() - start
-    tokens = sum(min(len(ids), default.model.max_seq_length)
-                 for ids in default.model.tokenizer(texts)["input_ids"])
+    lengths = [len(ids) for ids in default.model.tokenizer(texts)["input_ids"]]
+    window = default.model.max_seq_length
+    tokens, cut = sum(min(n, window) for n in lengths), sum(n > window for n in lengths)
 
     base = chunks / statistics.median(seconds["torch, float32"])
     rows = []
     for label in variants:
         rate = chunks / statistics.median(seconds[label])
-        note = f"{rate / base:.2f}x" + (f" ({chunks} chunks, {tokens / chunks:.0f} tokens each)"
-                                        if label == "torch, float32" else "")
+        note = f"{rate / base:.2f}x" + (f" ({chunks} chunks, {tokens / chunks:.0f} tokens each, {cut} longer than "
+                                        f"the embedder's {window})" if label == "torch, float32" else "")
         rows.append((f"{name}: building, {label}", f"{rate:.0f} chunks/s", note))
     rows.append((f"{name}: reading and chunking alone", f"{reading:.2f} s", ""))
     rows.append((f"{name}: embedding alone, openvino", f"{embedding:.2f} s", f"{chunks / embedding:.0f} chunks/s, "
