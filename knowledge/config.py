@@ -30,10 +30,12 @@ class KnowledgeConfig:
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_BACKEND", "auto"),
         metadata={"choices": BACKENDS,
                   "help": "what runs the embedder: auto (openvino on a CPU where it is installed, else torch), torch "
-                          "(sentence-transformers), openvino (the same model converted once: the same vectors, 1.8x "
-                          "faster on a CPU) or onnx (quantised to int8 for onnxruntime: other vectors, see README); "
-                          "saved with the index, whose queries then use the same (env CHATBOT_EMBEDDING_BACKEND)"})
-    # MiniLM's WordPiece window is 256 tokens; 160 of our units (a word or a CJK character) stay well inside it.
+                          "(sentence-transformers), openvino (the same model converted once: the same vectors, "
+                          "1.5-1.8x faster on a CPU) or onnx (quantised to int8 for onnxruntime: other vectors, see "
+                          "README); saved with the index, whose queries then use the same "
+                          "(env CHATBOT_EMBEDDING_BACKEND)"})
+    # MiniLM's WordPiece window is 256 tokens: 160 of our units (a word or a CJK character) fit in prose, and
+    # knowledge.chunking also keeps a chunk of symbol-heavy text or code within it.
     chunk_tokens: int = field(default=160, metadata={"help": "largest chunk, in words / CJK characters"})
     chunk_overlap: int = field(default=30, metadata={"help": "tokens of trailing sentences repeated in the next chunk"})
     # Exact search over 20k 384-d vectors takes a few ms; beyond that HNSW keeps queries fast.

@@ -212,7 +212,7 @@ def _by_length(tokenizer, texts: list[str], max_length: int) -> tuple[dict, list
 
 
 def _resolved(backend: str, device: str) -> str:
-    """`auto`: OpenVINO on a CPU where it is installed (1.5x torch's speed here, same vectors), else torch."""
+    """`auto`: OpenVINO on a CPU where it is installed (1.5-1.8x torch's speed here, the same vectors), else torch."""
     if backend != "auto":
         return backend
     if device != "cpu":
@@ -303,7 +303,7 @@ class OnnxRunner(_Runner):
 class OpenVinoRunner(_Runner):
     """A sentence-transformers model with mean pooling, converted once for OpenVINO (weights kept float32) and run
     in bfloat16 on a CPU with bfloat16 instructions, else in float32. Its vectors are torch's (cosine 0.9999), and
-    it embeds 1.8x faster than torch here (README, "Faster filling"); two batches run at a time."""
+    it builds 1.5-1.8x faster than torch here (README, "Faster filling"); two batches run at a time."""
 
     def __init__(self, path: Path, *args, bf16: bool):
         openvino = _openvino()
