@@ -89,7 +89,7 @@ def cmd_search(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) 
     from knowledge.retriever import Retriever
 
     kb = store(args, config, folder)
-    retriever = Retriever(kb, Embedder.for_config(kb.config), args.dense_languages)
+    retriever = Retriever(kb, Embedder.for_index(kb.config), args.dense_languages)
     hits = retriever.search(args.query, k=args.k, mode=args.mode)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))

@@ -32,8 +32,8 @@ class KnowledgeConfig:
                   "help": "what runs the embedder: auto (openvino on a CPU where it is installed, else torch), torch "
                           "(sentence-transformers), openvino (the same model converted once: the same vectors, "
                           "1.5-1.8x faster on a CPU) or onnx (quantised to int8 for onnxruntime: other vectors, see "
-                          "README); saved with the index, whose queries then use the same "
-                          "(env CHATBOT_EMBEDDING_BACKEND)"})
+                          "README), saved with the index: an onnx index's queries use onnx too, the others give the "
+                          "same vectors and run on this machine's choice (env CHATBOT_EMBEDDING_BACKEND)"})
     # MiniLM's WordPiece window is 256 tokens: 160 of our units (a word or a CJK character) fit in prose, and
     # knowledge.chunking also keeps a chunk of symbol-heavy text or code within it.
     chunk_tokens: int = field(default=160, metadata={"help": "largest chunk, in words / CJK characters"})

@@ -94,8 +94,17 @@ class Embedder:
 
     @classmethod
     def for_config(cls, config) -> Embedder:
-        """The embedder a KnowledgeConfig (an index's saved settings, or the command line's) names."""
+        """The embedder a KnowledgeConfig (the command line's) names."""
         return cls(config.embedding_model, backend=config.embedding_backend)
+
+    @classmethod
+    def for_index(cls, config) -> Embedder:
+        """The embedder for an index's saved settings. Only `onnx` gives other vectors; an index saved with torch,
+        openvino or auto runs on this machine's choice (env CHATBOT_EMBEDDING_BACKEND, else auto), so an index
+        built before OpenVINO was the default gets its speed too."""
+        saved = config.embedding_backend
+        return cls(config.embedding_model,
+                   backend=saved if saved == "onnx" else os.environ.get("CHATBOT_EMBEDDING_BACKEND") or "auto")
 
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         if not texts:

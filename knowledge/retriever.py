@@ -67,7 +67,7 @@ class Retriever:
         if embedding_model and embedding_model != kb.embedder_name:
             raise IndexError_(f"the index in {kb.location} was built with '{kb.embedder_name}', not "
                               f"'{embedding_model}'")
-        return cls(kb, Embedder.for_config(kb.config), dense_languages)
+        return cls(kb, Embedder.for_index(kb.config), dense_languages)
 
     def uses_dense(self, language: str) -> bool:
         """Whether the embedder's similarity counts for queries in `language`."""

@@ -160,6 +160,7 @@ def test_the_openvino_embedder_gives_torchs_vectors_and_serves_a_torch_index(emb
                                                                               torch, progress=False)
     hits = Retriever(KnowledgeBase.open(folder), embedder).search("What does dropout do?", k=1, mode="dense")
     assert hits[0].chunk.source == "en/dropout.md"
+    assert Retriever.open(folder).embedder.backend == "openvino", "an index saved with torch runs on the default"
 
 
 def test_importing_openvino_reports_nothing(tmp_path):
