@@ -37,11 +37,11 @@ import numpy as np
 
 from knowledge.chunking import Chunk
 from knowledge.config import KnowledgeConfig
-from knowledge.embedder import EMBEDDED_NAME, Background, Embedder
+from knowledge.embedder import EMBEDDED_NAME, Embedder
 from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import LexicalIndex, Postings
 from knowledge.segment import Segment
-from knowledge.store import IndexError_, Report, Scored, chunk_languages, read_files
+from knowledge.store import FileEmbedding, IndexError_, Report, Scored, chunk_languages, read_files
 
 FORMAT_VERSION = 2  # 1: one folder per generation, rewritten whole by every write
 MERGE_RATIO = 2  # the newest segments are merged while the one before them is at most this many times larger
@@ -229,30 +229,21 @@ class KnowledgeBase:
         """Index new and changed files under `paths`; a bad file is reported in the result and skipped. The new
         chunks become one new segment; the earlier versions of changed files are marked deleted."""
         self._check_embedder(embedder)
-        with Background(embedder, progress) as embedding:
-            return self._add(paths, embedding, progress, on_progress)
-
-    def _add(self, paths: list[Path], embedding: Background, progress: bool,
-             on_progress: Callable[[float, str], None] | None) -> Report:
         state = self.state
-        reused: dict[str, np.ndarray] = {}  # the unchanged chunks of changed files keep their vectors
-        embedded: list[str] = []  # ids of the chunks given to the embedder, in order
 
-        def chunked(source: str, chunks: list[Chunk]) -> None:  # called as each file is read
-            if source in state.where:
-                segment = state.segments[state.where[source]]
-                rows = segment.rows(source)
-                known = dict(zip((c.id for c in segment.chunks(rows)), segment.vectors(rows), strict=True))
-                reused.update((c.id, known[c.id]) for c in chunks if c.id in known)
-            fresh = [c for c in chunks if c.id not in reused]
-            embedded.extend(c.id for c in fresh)
-            embedding.add([c.indexed_text for c in fresh])
+        def stored(source: str) -> dict[str, np.ndarray]:  # chunk id → vector of a file this index holds
+            if source not in state.where:
+                return {}
+            segment = state.segments[state.where[source]]
+            rows = segment.rows(source)
+            return dict(zip((c.id for c in segment.chunks(rows)), segment.vectors(rows), strict=True))
 
-        report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress,
-                                                     chunked)
-        chunks = [c for file_chunks in new_chunks.values() for c in file_chunks]
-        postings = Segment.postings(chunks)  # while the last chunks are embedded
-        vectors = dict(zip(embedded, embedding.vectors(on_progress), strict=True)) | reused
+        with FileEmbedding(embedder, progress, stored) as embedding:
+            report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress,
+                                                         embedding.add)
+            chunks = [c for file_chunks in new_chunks.values() for c in file_chunks]
+            postings = Segment.postings(chunks)  # while the last chunks are embedded
+            vectors = embedding.vectors(on_progress)
         if chunks:
             # Embedding and writing the new segment need no lock; the merge with the latest committed state does.
             staged = self._stage(chunks, np.stack([vectors[c.id] for c in chunks]).astype(np.float32), new_sources,

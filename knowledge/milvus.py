@@ -29,10 +29,10 @@ import numpy as np
 from common.language import HAN
 from knowledge.chunking import Chunk, language_counts
 from knowledge.config import KnowledgeConfig
-from knowledge.embedder import EMBEDDED_NAME, Background, Embedder
+from knowledge.embedder import EMBEDDED_NAME, Embedder
 from knowledge.fusion import RRF_K
 from knowledge.lexical import STOPWORDS, character_terms, normalized
-from knowledge.store import IndexError_, Report, Scored, chunk_languages, read_files
+from knowledge.store import FileEmbedding, IndexError_, Report, Scored, chunk_languages, read_files
 
 COLLECTION = "knowledge"
 SETTINGS = "#settings"  # the sources collection's row of settings (no file is found under that name)
@@ -239,23 +239,16 @@ class MilvusStore:
                               "build`")
         self.embedder_name = embedder.name
         known = {} if self.replaces else self.sources
-        reused: dict[str, np.ndarray] = {}  # the unchanged chunks of changed files keep their vectors
-        embedded: list[str] = []  # ids of the chunks given to the embedder, in order
+        def stored(source: str) -> dict[str, np.ndarray]:  # chunk id → vector of a file the collection holds
+            if source not in known:
+                return {}
+            return {row["chunk_id"]: np.asarray(row["dense"], np.float32) for row in self.client.query(
+                self.collection, filter=f"source == {_quoted(source)}", output_fields=["chunk_id", "dense"])}
 
-        def chunked(source: str, chunks: list[Chunk]) -> None:  # called as each file is read
-            if source in known:
-                ids = {c.id for c in chunks}
-                for row in self.client.query(self.collection, filter=f"source == {_quoted(source)}",
-                                             output_fields=["chunk_id", "dense"]):
-                    if row["chunk_id"] in ids:
-                        reused[row["chunk_id"]] = np.asarray(row["dense"], np.float32)
-            fresh = [c for c in chunks if c.id not in reused]
-            embedded.extend(c.id for c in fresh)
-            embedding.add([c.indexed_text for c in fresh])
-
-        with Background(embedder, progress) as embedding:  # files are embedded while the next ones are read
-            report, new_chunks, new_sources = read_files(paths, self.config, known, progress, on_progress, chunked)
-            by_id = dict(zip(embedded, embedding.vectors(on_progress), strict=True)) | reused
+        with FileEmbedding(embedder, progress, stored) as embedding:  # files are embedded as the next are read
+            report, new_chunks, new_sources = read_files(paths, self.config, known, progress, on_progress,
+                                                         embedding.add)
+            by_id = embedding.vectors(on_progress)
         if new_chunks:
             fresh = [c for chunks in new_chunks.values() for c in chunks]
             vectors = np.stack([by_id[c.id] for c in fresh])

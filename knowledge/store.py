@@ -30,7 +30,7 @@ from tqdm import tqdm
 from common.paths import index_dir
 from knowledge.chunking import Chunk, chunk_document
 from knowledge.config import KnowledgeConfig
-from knowledge.embedder import Embedder
+from knowledge.embedder import Background, Embedder
 from knowledge.lexical import Vocabulary
 from knowledge.loaders import LoadError, check_size, find_files, load_file
 
@@ -78,7 +78,7 @@ def read_files(paths: list[Path], config: KnowledgeConfig, known: dict[str, dict
     """The new and changed files under `paths` (`known`: the sources indexed now), read and chunked: (report,
     source → chunks, source → metadata). A file that cannot be read is reported and skipped; an unchanged one
     (same SHA-256) is not read beyond its hash. `on_file(source, chunks)` is called as each file is chunked, so
-    that its chunks are embedded (`knowledge.embedder.Background`) while the next files are read."""
+    that its chunks are embedded while the next files are read (`FileEmbedding.add`)."""
     report = Report()
     new_chunks: dict[str, list[Chunk]] = {}
     new_sources: dict[str, dict] = {}
@@ -103,6 +103,40 @@ def read_files(paths: list[Path], config: KnowledgeConfig, known: dict[str, dict
         new_sources[source] = {"path": str(path.resolve()), "sha256": digest,
                                "added": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return report, new_chunks, new_sources
+
+
+class FileEmbedding:
+    """The vectors of the chunks `read_files` reads, for both stores: each file's chunks are embedded in the
+    background as the file is read (`knowledge.embedder.Background`), except the unchanged chunks of a changed file,
+    which keep the vectors `stored(source)` returns (chunk id → vector) instead of being embedded again.
+
+        with FileEmbedding(embedder, progress, stored) as embedding:
+            report, new_chunks, new_sources = read_files(paths, config, known, progress, on_progress, embedding.add)
+            vectors = embedding.vectors(on_progress)      # chunk id → vector
+    """
+
+    def __init__(self, embedder: Embedder, progress: bool, stored: Callable[[str], dict[str, np.ndarray]]):
+        self.job, self.stored = Background(embedder, progress), stored
+        self.reused: dict[str, np.ndarray] = {}
+        self.embedded: list[str] = []  # ids of the chunks given to the embedder, in order
+
+    def __enter__(self) -> FileEmbedding:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.job.__exit__(*exc)
+
+    def add(self, source: str, chunks: list[Chunk]) -> None:
+        """`read_files`' `on_file`."""
+        stored = self.stored(source)
+        self.reused.update((c.id, stored[c.id]) for c in chunks if c.id in stored)
+        fresh = [c for c in chunks if c.id not in self.reused]
+        self.embedded += [c.id for c in fresh]
+        self.job.add([c.indexed_text for c in fresh])
+
+    def vectors(self, on_progress: Callable[[float, str], None] | None = None) -> dict[str, np.ndarray]:
+        """Chunk id → vector for every chunk added; waits for the embedding to finish."""
+        return dict(zip(self.embedded, self.job.vectors(on_progress), strict=True)) | self.reused
 
 
 @dataclass(frozen=True)
