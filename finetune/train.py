@@ -281,11 +281,18 @@ def collect_metrics(trainer: Trainer, report: DataReport, seconds: float) -> dic
     summary = next((h for h in reversed(history) if "train_loss" in h), {})
     best = trainer.state.best_metric
     steps = trainer.state.global_step
+    device = trainer.args.device
+    on_gpu = device.type == "cuda"
     return {
+        "device": f"cuda: {torch.cuda.get_device_name(device)}" if on_gpu else device.type,
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_gpu else None,
         "steps": steps, "epochs": trainer.state.epoch, "train_loss": summary.get("train_loss"),
         "best_eval_loss": best, "best_eval_perplexity": math.exp(best) if best is not None else None,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if best is not None else None,
         "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(steps, 1), 2),
+        # training tokens seen per second, padding and evaluations included in the time
+        "train_tokens_per_second": round(report.tokens * (trainer.state.epoch or 0) / max(seconds, 1e-9), 1),
         "data": report.counts(), "train_log": train_log, "eval_log": eval_log,
     }
 

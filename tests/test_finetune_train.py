@@ -65,6 +65,8 @@ def test_lora_training_lowers_the_loss_and_changes_the_adapter(lora_run):
     assert [row["step"] for row in metrics["eval_log"]] == [6, 12]
     assert metrics["eval_log"][-1]["eval_loss"] < metrics["eval_log"][0]["eval_loss"]
     assert metrics["best_checkpoint"] == "checkpoint-12" and metrics["data"]["records"] == 40
+    assert (metrics["device"], metrics["precision"], metrics["peak_gpu_memory_gib"]) == ("cpu", "fp32", None)
+    assert metrics["train_tokens_per_second"] > 0
     weights = load_file(lora_run / "adapter_model.safetensors")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and all(w.abs().sum() > 0 for w in lora_b), "LoRA B starts at zero; training must move it"
@@ -183,6 +185,8 @@ def test_bf16_and_qlora_on_gpu(method, tiny_model_dir, tmp_path):
                             method=method, max_steps=4, eval_steps=2))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_log"][-1]["loss"] < metrics["train_log"][0]["loss"]
+    assert metrics["device"].startswith("cuda: ") and metrics["peak_gpu_memory_gib"] > 0
+    assert metrics["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     engine = Engine.load(str(run))
     usage = Usage()
     "".join(engine.stream([{"role": "user", "content": "hi"}], GenerationOptions(max_new_tokens=4), usage=usage))
