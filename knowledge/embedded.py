@@ -241,6 +241,7 @@ class KnowledgeBase:
         with FileEmbedding(embedder, progress, stored) as embedding:
             report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress,
                                                          embedding.add)
+            embedding.close()
             chunks = [c for file_chunks in new_chunks.values() for c in file_chunks]
             postings = Segment.postings(chunks)  # while the last chunks are embedded
             vectors = embedding.vectors(on_progress)

@@ -134,10 +134,11 @@ class Background:
 
         job = Background(embedder, progress=True)
         job.add(texts)                     # as many times as there are files
+        job.close()                        # optional: no more texts, so the last window need not wait for more
         vectors = job.vectors()            # in the order added; waits for the last window
     """
 
-    WINDOW = 64
+    WINDOW = 256  # a few seconds of work: each window ends with its last batch running alone, so not fewer
 
     def __init__(self, embedder: Embedder, progress: bool = False):
         from tqdm import tqdm
@@ -146,6 +147,7 @@ class Background:
         self.arrived: queue.Queue[list[str] | None] = queue.Queue()
         self.out: list[np.ndarray] = []  # one vector per text added, filled in by the thread
         self.received = self.done = 0
+        self.closed = False
         self.started = 0.0  # when the first window began
         self.error: BaseException | None = None
         self.cancelled = False
@@ -160,7 +162,7 @@ class Background:
         """After an error, the thread stops at its next window (vectors() was not reached)."""
         if self.thread.is_alive():
             self.cancelled = True
-            self.arrived.put(None)
+            self.close()
             self.bar.close()
 
     def add(self, texts: list[str]) -> None:
@@ -169,10 +171,16 @@ class Background:
             self.bar.total = self.received
             self.arrived.put(texts)
 
+    def close(self) -> None:
+        """No more texts will be added: what is waiting is embedded now, without waiting for a full window."""
+        if not self.closed:
+            self.closed = True
+            self.arrived.put(None)
+
     def vectors(self, on_progress: Callable[[float, str], None] | None = None) -> np.ndarray:
         """All the vectors, in the order their texts were added. `on_progress(fraction, text)` is called from
         here, about twice a second, with the chunks left and an estimate of the time left."""
-        self.arrived.put(None)
+        self.close()
         while self.thread.is_alive():
             self.thread.join(0.5)
             if on_progress and self.done:

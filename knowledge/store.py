@@ -134,6 +134,10 @@ class FileEmbedding:
         self.embedded += [c.id for c in fresh]
         self.job.add([c.indexed_text for c in fresh])
 
+    def close(self) -> None:
+        """Every file has been added (`Background.close`)."""
+        self.job.close()
+
     def vectors(self, on_progress: Callable[[float, str], None] | None = None) -> dict[str, np.ndarray]:
         """Chunk id → vector for every chunk added; waits for the embedding to finish."""
         return dict(zip(self.embedded, self.job.vectors(on_progress), strict=True)) | self.reused

@@ -316,15 +316,21 @@ def test_background_embedding_keeps_the_order_of_the_texts_and_reports_its_error
             time.sleep(0.3)
             return tiny_embedder.encode(texts)
 
-    texts = [f"text {i} " + "word " * (i % 7) for i in range(150)]  # lengths vary: windows are sorted inside
+    texts = [f"text {i} " + "word " * (i % 7) for i in range(4 * Background.WINDOW)]  # windows are sorted inside
     job = Background(Slow())
     for start in range(0, len(texts), 11):  # file by file, as read_files calls it
         job.add(texts[start:start + 11])
     reports: list[tuple[float, str]] = []
     vectors = job.vectors(lambda fraction, text: reports.append((fraction, text)))
     assert np.allclose(vectors, tiny_embedder.encode(texts))
-    assert reports and all(0.5 <= f <= 1 for f, _ in reports)
+    assert all(0.5 <= f <= 1 for f, _ in reports) and any(f < 1 for f, _ in reports), "progress on the way"
     assert all(text.startswith("embedding: ") and text.endswith(" s left") for _, text in reports), reports
+
+    job = Background(tiny_embedder)  # fewer texts than a window: close() starts them without vectors()
+    job.add(texts[:5])
+    job.close()
+    job.thread.join(5)
+    assert job.done == 5 and np.allclose(job.vectors(), tiny_embedder.encode(texts[:5]))
 
     class Failing:
         dimension = 4
