@@ -138,7 +138,7 @@ class Background:
         vectors = job.vectors()            # in the order added; waits for the last window
     """
 
-    WINDOW = 256  # a few seconds of work: each window ends with its last batch running alone, so not fewer
+    WINDOW = 256  # a few seconds of work; each window ends with its last batch running alone, so few large ones
 
     def __init__(self, embedder: Embedder, progress: bool = False):
         from tqdm import tqdm
