@@ -26,9 +26,11 @@ import argparse
 import hmac
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +39,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
+from chatbot.admission import Gate, Limits  # noqa: E402
 from chatbot.assistant import Answer, Assistant, Turn, check_input  # noqa: E402
 from chatbot.chat_format import message_text  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import PromptTooLongError  # noqa: E402
 from chatbot.feedback import FeedbackLog  # noqa: E402
 from chatbot.models import ModelNotFoundError  # noqa: E402
-from chatbot.openai_api import Gate, add_routes  # noqa: E402
+from chatbot.openai_api import add_routes  # noqa: E402
 from common.cli import add_arguments, resolve, run  # noqa: E402
 from knowledge.embedder import EmbedderNotFoundError  # noqa: E402
 from knowledge.loaders import SUFFIXES  # noqa: E402
@@ -56,10 +59,9 @@ EXAMPLES = [
     "困惑度是怎么计算的？",
 ]
 SOURCES_TITLE = "📚 Sources · 来源"
-CONCURRENCY = 8  # requests handled at once; the engine decodes them in one batch or one at a time, in arrival order
-MAX_QUEUE = 64  # requests waiting beyond those; more get "busy, try again"
 PUBLIC_REQUESTS_PER_MINUTE = 20  # per session on a public deployment: a person types far fewer
 MAX_RATABLE = 100  # answers per session kept for 👍/👎; older ones can no longer be rated
+LIMITS = Limits()  # each surface's share: 8 answered at once, 64 waiting, an API request waits at most 30 s
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ class ChatApp:
         self.assistant, self.feedback_log, self.access = assistant, feedback, access
         self.signed_in: set[str] = set()  # sessions that gave the admin password
         self.recent: dict[str, deque[float]] = {}  # session → times of its latest requests
-        self.running: dict[str, Turn] = {}
+        self.running: dict[str, set[Turn]] = {}  # session → its turns being answered (Stop, a closed tab end them)
+        self.lock = threading.Lock()  # `running` is changed from the server's worker threads
         self.answers: dict[str, dict[int, dict]] = {}  # session → chat message index → what was answered
 
     def _count_request(self, session: str | None) -> None:
@@ -162,13 +165,10 @@ class ChatApp:
         turn = self._turn(message, messages)
         messages = [*(messages or []), {"role": "user", "content": message},
                     {"role": "assistant", "content": ""}]
-        self.running[request.session_hash] = turn
-        try:
+        with self._answering(request.session_hash, turn):
             for piece in turn.stream():
                 messages[-1]["content"] += piece
                 yield "", messages
-        finally:
-            self.running.pop(request.session_hash, None)
         answer = turn.answer()
         messages[-1]["content"] = answer.text
         answered = self.answers.setdefault(request.session_hash, {})
@@ -199,21 +199,45 @@ class ChatApp:
         self.answers.pop(request.session_hash, None)
 
     def stop(self, request: gr.Request) -> None:
-        turn = self.running.get(request.session_hash)
-        if turn is not None:
+        with self.lock:
+            turns = list(self.running.get(request.session_hash, ()))
+        for turn in turns:
             turn.stop.set()
+
+    @contextmanager
+    def _answering(self, session: str | None, turn: Turn) -> Iterator[None]:
+        """While `turn` streams it can be stopped by its session's Stop or by its tab closing; when the stream is
+        closed early (Gradio closes it when the client disconnects) the turn stops, freeing the engine."""
+        with self.lock:
+            self.running.setdefault(session or "", set()).add(turn)
+        try:
+            yield
+        finally:
+            turn.stop.set()  # a no-op once the answer is complete
+            with self.lock:
+                turns = self.running.get(session or "", set())
+                turns.discard(turn)
+                if not turns:
+                    self.running.pop(session or "", None)
+
+    def load(self) -> dict:
+        """The UI's share of the load, for /health: turns being answered (the waiting ones are in Gradio's queue)."""
+        with self.lock:
+            return {"running": sum(len(turns) for turns in self.running.values())}
 
     def chat(self, message: str, history: list[dict] | None = None, request: gr.Request = None) -> Iterator[dict]:
         """Answer `message` after the earlier `history` ([{"role", "content"}, ...]); streams partial answers.
 
         Each update is {"answer", "sources", "language", "mode", "timings", "query", "usage"}; the last one is
         complete, with the cited sources (source, heading, page, chunk_id, score, text)."""
-        self._count_request(request.session_hash if request else None)
+        session = request.session_hash if request else None
+        self._count_request(session)
         turn = self._turn(message, history)
         text = ""
-        for piece in turn.stream():
-            text += piece
-            yield Answer(text=text, language=turn.language, mode=turn.mode).to_dict()
+        with self._answering(session, turn):
+            for piece in turn.stream():
+                text += piece
+                yield Answer(text=text, language=turn.language, mode=turn.mode).to_dict()
         yield turn.answer().to_dict()
 
     # ----- knowledge base tab ------------------------------------------------------------------------------
@@ -297,7 +321,11 @@ def on_gpu(function, max_new_tokens: int):
     return spaces.GPU(duration=10 + max_new_tokens // 20)(function)  # ~20 tokens/s at worst, plus set-up
 
 
-def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access: Access = Access()) -> gr.Blocks:
+def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access: Access = Access(),
+              limits: Limits = LIMITS) -> gr.Blocks:
+    """The UI, /chat and (at `launch`) the OpenAI-compatible API. Each surface has its own share, `limits`: the UI and
+    /chat one queue in Gradio, the API one gate, so a flood on one cannot starve the other; both feed the same
+    engine, which serves its requests in arrival order."""
     app = ChatApp(assistant, feedback or FeedbackLog(), access)
     respond, chat = (on_gpu(f, assistant.config.max_new_tokens) for f in (app.respond, app.chat))
     with gr.Blocks(title="Bilingual chatbot") as demo:
@@ -346,26 +374,32 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
                 sign_in.click(app.login, password, [status, files, add, remove], api_visibility="private",
                               queue=False)
 
-        # Requests run side by side (CONCURRENCY): the engine batches their answers or serves them in turn, and each
-        # search works on one committed state of the index, so none sees half of an update. Answers that need no
-        # generation (quotes, refusals, errors) do not wait behind another visitor's.
+        # Requests run side by side (limits.concurrency, shared by the page and /chat: one concurrency group): the
+        # engine batches their answers or serves them in turn, and each search works on one committed state of the
+        # index, so none sees half of an update. Answers that need no generation (quotes, refusals, errors) do not
+        # wait behind another visitor's.
         for trigger in (textbox.submit, send.click):
             trigger(respond, [textbox, chatbot], [textbox, chatbot], api_visibility="private",
-                    validator=app.validate)
+                    validator=app.validate, concurrency_id="chat")
         chatbot.like(app.rate, comment, [comment, rated], api_visibility="private", queue=False)
         stop.click(app.stop, None, None, queue=False, api_visibility="private")
         clear.click(app.forget, None, None, queue=False, api_visibility="private")
         add.click(app.upload, files, [status, table, chosen], api_visibility="private")
         remove.click(app.remove, chosen, [status, table, chosen], api_visibility="private")
-        gr.api(chat, api_name="chat")
+        gr.api(chat, api_name="chat", concurrency_id="chat")
         demo.unload(app.forget)
         if index is not None:
             demo.load(app.shown_sources, None, [table, chosen], api_visibility="private", queue=False)
-    # A bounded queue: past MAX_QUEUE waiting requests a visitor is told the app is busy instead of waiting forever.
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
-    # The OpenAI-compatible API joins the server when it starts (`launch`), with the same limits.
-    gate = Gate(CONCURRENCY, MAX_QUEUE)
-    demo.add_openai_api = lambda server: add_routes(server, assistant, gate, app.admit)
+    # A bounded queue: past max_waiting waiting requests a visitor is told the app is busy instead of waiting
+    # forever; a visitor who waits sees their place in the queue.
+    demo.queue(default_concurrency_limit=limits.concurrency, max_size=limits.max_waiting)
+    # The OpenAI-compatible API joins the server when it starts (`launch`), with a share of its own.
+    gate = Gate(limits)
+
+    def ui_load() -> dict:
+        return app.load() | {"waiting": len(demo._queue)}  # Gradio's queue has no public count
+
+    demo.add_openai_api = lambda server: add_routes(server, assistant, gate, app.admit, ui_load)
     return demo
 
 
@@ -400,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port to listen on (env CHATBOT_PORT)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument("--no-index", action="store_true", help="chat without a knowledge base")
+    parser.add_argument("--concurrency", type=int, default=LIMITS.concurrency,
+                        help="requests answered at once, for the UI and for the API each")
+    parser.add_argument("--max-waiting", type=int, default=LIMITS.max_waiting,
+                        help="requests that may wait for a place, for the UI and for the API each; more are "
+                             "refused at once (429)")
+    parser.add_argument("--max-wait", type=float, default=LIMITS.max_wait,
+                        help="seconds an API request may wait for a place before it is refused (503)")
     parser.add_argument("--requests-per-minute", type=int, default=None,
                         help=f"messages per browser session or API client per minute (default: "
                              f"{PUBLIC_REQUESTS_PER_MINUTE} on a Space or a non-loopback host, else no limit; "
@@ -415,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve(args, ChatConfig)
         open_knowledge_base(config, args.no_index)
         access = Access.from_environment(args.host, args.requests_per_minute)
-        demo = build_app(Assistant.load(config), access=access)
+        limits = Limits(args.concurrency, args.max_waiting, args.max_wait)
+        demo = build_app(Assistant.load(config), access=access, limits=limits)
         launch(demo, server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],
                max_file_size=f"{access.max_upload_mb:g}mb")
 

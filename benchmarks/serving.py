@@ -140,12 +140,12 @@ def agreement_table(engines: dict, count: int, new_tokens: int) -> str:
     return "\n".join(lines)
 
 
-def start_app(backend: str, max_new_tokens: int) -> tuple[subprocess.Popen, str]:
+def start_app(backend: str, max_new_tokens: int, *options: str) -> tuple[subprocess.Popen, str]:
     from tests.test_app import free_port
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--no-index", "--backend", backend,
-                                "--max-new-tokens", str(max_new_tokens)], cwd=ROOT, text=True,
+                                "--max-new-tokens", str(max_new_tokens), *options], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=os.environ | {"HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 300

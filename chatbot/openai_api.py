@@ -13,26 +13,29 @@ message replaces the default system prompt. The cited passages come as an extra 
 A streamed answer whose final form differs from the streamed text (citations completed, or quotes instead of an
 answer that cited nothing) carries that final text in an extra `answer` field of the final chunk.
 
-Requests share the UI's limits: at most `concurrency` turns at once and `max_waiting` waiting (more get 429),
-the per-client rate limit, and the same engine, which serves UI and API sessions in one queue or batch. Errors
-come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}. When CHATBOT_API_KEY is set, every
-request needs `Authorization: Bearer <key>`.
+API requests have their own share of the server (chatbot.admission.Limits): at most `concurrency` turns at once
+and `max_waiting` waiting, without holding a server thread; more get 429 at once, and one that waited `max_wait`
+seconds gets 503, both with Retry-After. A client that hangs up, waiting or streaming, frees its place and stops
+its generation. The per-client rate limit is the UI's, and the engine serves UI and API sessions in one queue or
+batch. `GET /health` (or /v1/health) reports readiness and the running and waiting counts. Errors come in
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}. When CHATBOT_API_KEY is set, every request
+(but /health) needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
+from chatbot.admission import Busy, Gate, Gone, TimedOut, Work, disconnected
 from chatbot.assistant import Assistant, Turn
 from chatbot.chat_format import message_text
 from chatbot.engine import PromptTooLongError
@@ -43,37 +46,17 @@ API_KEY_ENV = "CHATBOT_API_KEY"
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.retry_after = retry_after
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=headers)
 
     def body(self) -> dict:
         return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-
-
-class Gate:
-    """At most `concurrency` requests inside at once and `max_waiting` waiting for a place; more are refused."""
-
-    def __init__(self, concurrency: int, max_waiting: int):
-        self.slots = threading.Semaphore(concurrency)
-        self.max_waiting, self.waiting, self.lock = max_waiting, 0, threading.Lock()
-
-    def enter(self) -> None:
-        with self.lock:
-            if self.waiting >= self.max_waiting:
-                raise ApiError(429, "The server is busy; try again shortly.", "server_error", code="server_busy")
-            self.waiting += 1
-        try:
-            self.slots.acquire()
-        finally:
-            with self.lock:
-                self.waiting -= 1
-
-    def leave(self) -> None:
-        self.slots.release()
 
 
 def _number(body: dict, names: tuple[str, ...], kind: type, default):
@@ -144,11 +127,15 @@ def _usage(turn: Turn) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[str], str | None]) -> None:
-    """Add /v1/models and /v1/chat/completions to `app` (the Gradio app's FastAPI server). `admit(client)` returns
-    why a client may not send another request now (the rate limit), or None."""
+
+def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[str], str | None],
+               ui_load: Callable[[], dict] | None = None) -> None:
+    """Add /v1/models, /v1/chat/completions and /health to `app` (the Gradio app's FastAPI server). `admit(client)`
+    returns why a client may not send another request now (the rate limit), or None; `ui_load()` the UI's running
+    and waiting counts, for /health."""
     created = int(time.time())
     served = assistant.engine.name
+    limits = gate.limits
 
     def check_key(request: Request) -> None:
         key = os.environ.get(API_KEY_ENV)
@@ -165,7 +152,38 @@ def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[
         return JSONResponse({"object": "list", "data": [{"id": served, "object": "model", "created": created,
                                                          "owned_by": "bilingual-chatbot"}]})
 
+    async def health(request: Request) -> JSONResponse:
+        """Readiness and load, for Spaces and load balancers (no key needed: it tells nothing about the data)."""
+        api = {"running": gate.running, "waiting": gate.waiting, "concurrency": limits.concurrency,
+               "max_waiting": limits.max_waiting}
+        return JSONResponse({"status": "ok", "model": served, "api": api} | ({"ui": ui_load()} if ui_load else {}))
+
+    async def admitted(chosen: Assistant, history: list[dict], question: str, gone: asyncio.Future
+                       ) -> tuple[Work, AsyncIterator, Turn]:
+        """A place at the gate, then the turn made in its own thread; ApiError when either fails."""
+        try:
+            await gate.enter(gone)
+        except Busy as err:
+            raise ApiError(429, "The server is busy; try again in a few seconds.", "server_error",
+                           code="server_busy", retry_after=limits.retry_after) from err
+        except TimedOut as err:
+            raise ApiError(503, f"The server stayed busy for {limits.max_wait:g} s; try again shortly.",
+                           "server_error", code="queue_timeout", retry_after=limits.retry_after) from err
+        except Gone as err:
+            raise ApiError(499, "The client closed the request.", code="client_closed") from err
+        work = Work(gate, lambda: chosen.turn(history, question))
+        work.start()
+        items = work.items()
+        kind, value = await anext(items)
+        if kind == "error":
+            if isinstance(value, ValueError):  # InputError, PromptTooLongError: the request's fault
+                raise ApiError(400, str(value), param="messages",
+                               code="context_length_exceeded" if isinstance(value, PromptTooLongError) else None)
+            raise ApiError(500, f"The model failed: {value}", "server_error")
+        return work, items, value
+
     async def completions(request: Request):
+        gone = None
         try:
             check_key(request)
             try:
@@ -180,27 +198,30 @@ def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[
             client = forwarded or (request.client.host if request.client else "?")
             if (refusal := admit(f"api:{client}")) is not None:
                 raise ApiError(429, refusal, "rate_limit_error", code="rate_limit_exceeded")
-            await run_in_threadpool(gate.enter)
-            try:
-                turn = chosen.turn(history, question)
-            except (ValueError, PromptTooLongError) as err:
-                gate.leave()
-                raise ApiError(400, str(err), param="messages",
-                               code="context_length_exceeded" if isinstance(err, PromptTooLongError) else None
-                               ) from err
+            gone = asyncio.ensure_future(disconnected(request.receive))
+            work, items, turn = await admitted(chosen, history, question, gone)
         except ApiError as err:
+            if gone is not None:
+                gone.cancel()
             return err.response()
         ident, limit = f"chatcmpl-{uuid.uuid4().hex}", chosen.config.max_new_tokens
         if stream["stream"]:
-            return StreamingResponse(_events(turn, ident, created, served, limit, stream["usage"], gate),
+            gone.cancel()  # from here the streaming response watches for the client leaving
+            return StreamingResponse(_events(work, items, turn, ident, created, served, limit, stream["usage"]),
                                      media_type="text/event-stream")
+        finished = asyncio.ensure_future(_last(items))
         try:
-            await run_in_threadpool(lambda: [None for _ in turn.stream()])
-            answer = turn.answer()
-        except Exception as err:  # noqa: BLE001 (a failure of the model, reported in the API's shape)
-            return ApiError(500, f"The model failed: {err}", "server_error").response()
+            await asyncio.wait([finished, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            gate.leave()
+            if not finished.done():  # the client left (or the server is stopping): stop generating
+                work.cancel()
+                finished.cancel()
+            gone.cancel()
+        if finished.cancelled():
+            return ApiError(499, "The client closed the request.", code="client_closed").response()
+        kind, answer = finished.result()
+        if kind == "error":  # a failure of the model, reported in the API's shape
+            return ApiError(500, f"The model failed: {answer}", "server_error").response()
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": int(time.time()), "model": served,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
@@ -209,12 +230,22 @@ def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[
 
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", completions, methods=["POST"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/health", health, methods=["GET"])
 
 
-def _events(turn: Turn, ident: str, created: int, served: str, limit: int, include_usage: bool,
-            gate: Gate) -> Iterator[str]:
-    """Server-sent `chat.completion.chunk` events, ending with `data: [DONE]`. Leaving early (the client hung
-    up) stops the turn, so the engine moves on to other sessions."""
+async def _last(items: AsyncIterator[tuple[str, object]]) -> tuple[str, object]:
+    async for kind, value in items:
+        if kind in ("done", "error"):
+            return kind, value
+    raise RuntimeError("the turn ended without an answer")
+
+
+async def _events(work: Work, items: AsyncIterator[tuple[str, object]], turn: Turn, ident: str, created: int,
+                  served: str, limit: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent `chat.completion.chunk` events, ending with `data: [DONE]`. A client that hangs up cancels this
+    generator (Starlette watches for it), which stops the turn: the engine moves on to other sessions and the
+    request's place is freed within a token."""
     def event(choices: list[dict], **extra) -> str:
         chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": served,
                  "choices": choices} | extra
@@ -223,21 +254,23 @@ def _events(turn: Turn, ident: str, created: int, served: str, limit: int, inclu
     streamed = ""
     try:
         yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        for piece in turn.stream():
-            streamed += piece
-            yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-        answer = turn.answer()
-        rest = answer.text[len(streamed):] if answer.text.startswith(streamed) else ""
-        extra = {"sources": answer.sources, "mode": answer.mode}
-        if not answer.text.startswith(streamed):
-            extra["answer"] = answer.text
-        yield event([{"index": 0, "delta": {"content": rest} if rest else {},
-                      "finish_reason": _finish_reason(turn, limit)}], **extra)
-        if include_usage:
-            yield event([], usage=_usage(turn))
-    except Exception as err:  # noqa: BLE001 (after the first byte an error can only be an event)
-        yield f"data: {json.dumps({'error': ApiError(500, f'The model failed: {err}', 'server_error').body()})}\n\n"
+        async for kind, value in items:
+            if kind == "piece":
+                streamed += value
+                yield event([{"index": 0, "delta": {"content": value}, "finish_reason": None}])
+            elif kind == "error":  # after the first byte an error can only be an event
+                error = ApiError(500, f"The model failed: {value}", "server_error").body()
+                yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
+            else:
+                answer = value
+                rest = answer.text[len(streamed):] if answer.text.startswith(streamed) else ""
+                extra = {"sources": answer.sources, "mode": answer.mode}
+                if not answer.text.startswith(streamed):
+                    extra["answer"] = answer.text
+                yield event([{"index": 0, "delta": {"content": rest} if rest else {},
+                              "finish_reason": _finish_reason(turn, limit)}], **extra)
+                if include_usage:
+                    yield event([], usage=_usage(turn))
     finally:
-        turn.stop.set()
-        gate.leave()
+        work.cancel()  # a no-op once the turn has ended; otherwise the client left
     yield "data: [DONE]\n\n"
