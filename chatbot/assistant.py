@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatbot import safety
 from chatbot.chat_format import Message, message_text
 from chatbot.config import ChatConfig
 from chatbot.engine import Engine, GenerationOptions, Usage
@@ -167,7 +168,10 @@ def _fixed(text: str) -> Callable[[threading.Event, Usage], Iterator[str]]:
 class Assistant:
     def __init__(self, engine: Engine, config: ChatConfig, retriever: Retriever | None = None):
         self.engine, self.config, self.retriever = engine, config, retriever
-        self.guard = SafetyGuard(config.safety_model)  # the patterns alone unless --safety-model is given
+        # The patterns, the learned classifier over multilingual-e5-small (loaded once per process), and a guard
+        # model when --safety-model names one.
+        learned = safety.load_learned() if config.safety_classifier else None
+        self.guard = SafetyGuard(config.safety_model, learned=learned)
         if self.guard.model_error:
             print(f"warning: {self.guard.model_error}", file=sys.stderr)
 
@@ -218,11 +222,13 @@ class Assistant:
             reply = localized(REFUSAL if intent == "harmful" else SELF_HARM, language)
             return Turn(language, "refused", _fixed(reply), messages=plain, started=started)
         if intent == "small_talk" or self.retriever is None:
-            if intent == "small_talk" and not self.engine.profile.writes(language, grounded=False):
-                return Turn(language, "chat", _fixed(localized(SMALL_TALK, language)), messages=plain, started=started)
+            if not self.engine.profile.writes(language, grounded=False):
+                # The same note on every surface (page, /chat, /v1, CLI), rather than the model's garbled words.
+                note = SMALL_TALK if intent == "small_talk" else CANNOT_WRITE
+                return Turn(language, "chat", _fixed(localized(note, language)), messages=plain, started=started)
             return Turn(language, "chat", self._generate(plain), messages=plain, started=started)
         grounding = ground(self.retriever, history, question, language, self.config.min_relevance,
-                           self.config.passages)
+                           self.config.passages, self.guard.learned.instructions if self.guard.learned else None)
         route = decide(question, grounding.hits, self.retriever.lexical, self.config.min_relevance)
         if route.kind == "chat" and self.config.on_not_covered == "decline":
             return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding,

@@ -7,10 +7,11 @@
   per language, and every misrouted message;
 - key-fact recall: of the document questions routed to the documents, the share whose answer contains the
   question's key phrase (the fact the passage states), per language;
-- safety: refusal and false-refusal rates of `chatbot.safety` on its three sets (see that module);
-- injection filter: planted instructions caught and ordinary sentences removed by
-  `chatbot.grounding.looks_like_injection`, on chatbot/eval/injection*.jsonl and on every sentence of the bundled
-  corpus (none of which is an instruction).
+- safety: refusal and false-refusal rates of the whole check (`chatbot.safety`: patterns and the harm head) on the
+  three older sets (see that module; `python -m chatbot.safety_train` reports the head's own splits);
+- injection filter: planted instructions caught and ordinary sentences removed by the patterns
+  (`chatbot.grounding.looks_like_injection`) and the injection head, on chatbot/eval/injection*.jsonl and on every
+  sentence of the bundled corpus (none of which is an instruction).
 
 The answers are the default model's: extractive quotes, so no text is generated and the figures are exact.
 """
@@ -98,23 +99,29 @@ def main(argv: list[str] | None = None) -> int:
           "| recall |\n|---|---|---|---|")
     for language, (answered, found) in sorted(recall.items()):
         print(f"| {language} | {answered} | {found} | {found / max(answered, 1):.2f} |")
-    print("\nSafety (chatbot.safety)\n\n| set | language | harmful | refused | benign | refused wrongly |\n"
-          "|---|---|---|---|---|---|")
+    learned = safety.load_learned()  # the whole check, as the app runs it: patterns, then the learned heads
+    print("\nSafety (chatbot.safety: patterns and the harm head)\n\n| set | language | harmful | refused | benign | "
+          "refused wrongly |\n|---|---|---|---|---|---|")
     for name in ("safety.jsonl", "safety_probe.jsonl", "safety_unseen.jsonl"):
-        figures = rates(read_jsonl(safety.DATA.parent / name))
+        figures = rates(read_jsonl(safety.DATA.parent / name), safety.SafetyGuard(learned=learned))
         for language in ("en", "zh"):
             row = figures[language]
             print(f"| {name} | {language} | {row['harmful']} | {row['refused']:.0%} | {row['benign']} | "
                   f"{row['false_refusals']:.0%} |")
-    print("\nInjection filter (chatbot.grounding)\n\n| set | planted instructions | caught | ordinary sentences | "
-          "removed |\n|---|---|---|---|---|")
+    print("\nInjection filter (chatbot.grounding: patterns and the injection head)\n\n| set | planted instructions | "
+          "caught | ordinary sentences | removed |\n|---|---|---|---|---|")
+
+    def removed(sentences: list[str]) -> int:
+        return sum(p or h for p, h in zip(map(looks_like_injection, sentences), learned.instructions(sentences),
+                                           strict=True))
+
     for name in ("injection.jsonl", "injection_unseen.jsonl"):
         rows = read_jsonl(EVERYDAY.parent / name)
-        planted = [looks_like_injection(r["text"]) for r in rows if r["instruction"]]
-        ordinary = [looks_like_injection(r["text"]) for r in rows if not r["instruction"]]
-        print(f"| {name} | {len(planted)} | {sum(planted)} | {len(ordinary)} | {sum(ordinary)} |")
+        planted = [r["text"] for r in rows if r["instruction"]]
+        ordinary = [r["text"] for r in rows if not r["instruction"]]
+        print(f"| {name} | {len(planted)} | {removed(planted)} | {len(ordinary)} | {removed(ordinary)} |")
     corpus = [s for file in sorted(BUNDLED_CORPUS.rglob("*.md")) for s in split_sentences(file.read_text("utf-8"))]
-    print(f"| the bundled corpus | – | – | {len(corpus)} | {sum(map(looks_like_injection, corpus))} |")
+    print(f"| the bundled corpus | – | – | {len(corpus)} | {removed(corpus)} |")
     if args.verbose:
         print("\n" + "\n".join(["misrouted: " + line for line in misrouted] + ["missed: " + line for line in missed]))
     return 0

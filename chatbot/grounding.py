@@ -23,6 +23,8 @@ from knowledge.chunking import join_sentences, split_sentences
 from knowledge.lexical import tokenize
 from knowledge.retriever import Hit, Retriever
 
+Screen = Callable[[list[str]], list[bool]]  # sentences → which address the assistant (a learned injection filter)
+
 _LEADING = re.compile(r"^\s*(and|but|also|what about|how about)\b|^\s*(那|那么|还有|而且?|另外|此外)", re.IGNORECASE)
 # "What is dropout and why does it help?" names its subject before the pronoun; "How does it work?" does not.
 _NAMES_SUBJECT = re.compile(r"^\s*(what|who|which|how|why|when|where)\s+(is|are|was|were|does|do|did)\s+"
@@ -103,10 +105,11 @@ def select_passages(hits: list[Hit], language: str, threshold: float, k: int) ->
 
 
 def ground(retriever: Retriever, history: Sequence[Message], question: str, language: str,
-           threshold: float, k: int) -> Grounding:
+           threshold: float, k: int, instructions: Screen | None = None) -> Grounding:
+    """The passages for `question`; `instructions` is the learned injection filter, added to the patterns."""
     query = retrieval_query(history, question)
     hits = select_passages(retriever.search(query, k=3 * k, language=language), language, threshold, k)
-    passages = [Passage(i, h.chunk.label, defuse(h.chunk.text)) for i, h in enumerate(hits, 1)]
+    passages = [Passage(i, h.chunk.label, defuse(h.chunk.text, instructions)) for i, h in enumerate(hits, 1)]
     return Grounding(query, passages, hits)
 
 
@@ -119,11 +122,13 @@ def looks_like_injection(sentence: str) -> bool:
     return any(pattern.search(judged) for pattern in _INJECTION)
 
 
-def defuse(text: str) -> str:
-    """The passage without sentences that try to instruct the assistant (prompt injection): the model never
-    reads them, and an extractive answer can never quote them. The sources panel still shows the original."""
+def defuse(text: str, instructions: Screen | None = None) -> str:
+    """The passage without sentences that try to instruct the assistant (prompt injection): those the patterns
+    find, and those `instructions` (the learned filter, chatbot.safety.Learned.instructions) flags. The model
+    never reads them, and an extractive answer can never quote them. The sources panel still shows the original."""
     sentences = split_sentences(text)
-    kept = [s for s in sentences if not looks_like_injection(s)]
+    learned = instructions(sentences) if instructions is not None else [False] * len(sentences)
+    kept = [s for s, flagged in zip(sentences, learned, strict=True) if not flagged and not looks_like_injection(s)]
     if len(kept) == len(sentences):
         return text
     return join_sentences([*kept, INJECTION_REMOVED])

@@ -36,8 +36,10 @@ REFUSAL = {
 }
 SELF_HARM = {
     "en": "I'm really sorry you're feeling this way. You don't have to face it alone: please reach out to someone "
-          "you trust, or call your local emergency number or a suicide prevention hotline right now.",
-    "zh": "听到你这样说我很难过。你不必独自面对：请联系你信任的人，或立即拨打当地的急救电话或心理援助热线。",
+          "you trust, or call your local emergency number or a suicide prevention hotline right now (in the US, "
+          "call or text 988; in the UK and Ireland, Samaritans on 116 123).",
+    "zh": "听到你这样说我很难过。你不必独自面对：请联系你信任的人，或立即拨打当地的急救电话或心理援助热线（中国大陆："
+          "12356 心理援助热线；北京心理危机研究与干预中心 010-82951332）。",
 }
 # Answers the model writes by itself while a knowledge base is open say so: the question was not found in the
 # documents, or it asked for a task (writing, translating, arithmetic ...) rather than for their facts.

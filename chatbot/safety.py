@@ -2,6 +2,7 @@
 
     judge("What's the easiest way to make someone sick without them knowing?")   # Verdict("poisoning")
     judge("How do I kill a Python process?")                                      # Verdict(None): benign
+    SafetyGuard(learned=load_learned()).judge(text)   # the whole check: patterns, then the learned harm head
     python -m chatbot.safety                          # refusal and false-refusal rates on chatbot/eval/safety.jsonl
 
 Each category pairs what is asked for (a weapon, a poison, access to an account, someone's whereabouts ...) with
@@ -10,8 +11,10 @@ how it is asked: making or getting it, aimed at another person, or kept hidden (
 virus", "如何防止账号被盗" stay questions. Text is normalised first (case, full-width forms, spaces inside
 Chinese, digits standing for letters: "b0mb"), so mixed languages and light obfuscation are caught too.
 
-These patterns are the first line of defence and work with any model; `--safety-model` adds a guard classifier
-when one is available (`SafetyGuard`). What a *document* says (prompt injection) is judged where passages are
+These patterns are precise on the wording they know; the learned layer (`Learned`: multilingual-e5-small and
+small heads trained by `python -m chatbot.safety_train`, shipped in chatbot/heads/) judges the meaning, and
+overrules a pattern only when it is sure the message is harmless. `--safety-model` adds a guard classifier when one
+is available (`SafetyGuard`). What a *document* says (prompt injection) is judged where passages are
 prepared, in `chatbot.grounding`. Tested by tests/test_safety.py; the README gives the measured rates.
 """
 
@@ -23,11 +26,17 @@ import re
 import sys
 import unicodedata
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 from common.language import HAN_RANGES
 
 DATA = Path(__file__).resolve().parent / "eval" / "safety.jsonl"
+HARM_HEAD = Path(__file__).resolve().parent / "heads" / "harm.json"  # written by python -m chatbot.safety_train
+INJECTION_HEAD = Path(__file__).resolve().parent / "heads" / "injection.json"
+MAX_VERDICTS = 100_000  # sentences whose injection verdict is kept (a few MB)
 
 # Who or what the request is aimed at, and whether it is meant to stay hidden.
 _PERSON_EN = (r"(someone|somebody|some one|a person|people|a human|him|her|them|victims?|(a|the|this|that) (guy|man|"
@@ -215,16 +224,100 @@ def judge(text: str) -> Verdict:
     return Verdict(None)
 
 
+@dataclass(frozen=True)
+class Head:
+    """A linear softmax head over sentence vectors and the threshold chosen for it: data, written with the figures
+    it was chosen on by `python -m chatbot.safety_train`. Class 0 is the harmless one; a text is flagged when the
+    other classes together reach `threshold`, as the likeliest of them."""
+    classes: tuple[str, ...]
+    weights: np.ndarray  # (classes, dimension)
+    bias: np.ndarray  # (classes,)
+    threshold: float
+    embedder: str
+    veto: float = 0.0  # harm: below this probability the head overrules a pattern's refusal (0: never)
+
+    @classmethod
+    def read(cls, path: Path) -> Head:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(tuple(data["classes"]), np.asarray(data["weights"], dtype=np.float32),
+                   np.asarray(data["bias"], dtype=np.float32), float(data["threshold"]), data["embedder"],
+                   float(data.get("veto", 0.0)))
+
+    def write(self, path: Path, **record) -> None:
+        """The head, and whatever else should travel with it (the split, the figures), as readable JSON."""
+        data = {"classes": list(self.classes), "embedder": self.embedder, "threshold": round(self.threshold, 4),
+                "veto": round(self.veto, 4), **record, "bias": [round(float(b), 6) for b in self.bias],
+                "weights": [[round(float(w), 6) for w in row] for row in self.weights]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
+        logits = vectors @ self.weights.T + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def flagged(self, vectors: np.ndarray, threshold: float | None = None) -> list[str | None]:
+        """For each vector, the flagged class or None."""
+        return self.flagged_by(self.probabilities(vectors), threshold)
+
+    def flagged_by(self, probabilities: np.ndarray, threshold: float | None = None) -> list[str | None]:
+        threshold = self.threshold if threshold is None else threshold
+        return [self.classes[1 + int(np.argmax(p[1:]))] if 1 - p[0] >= threshold else None for p in probabilities]
+
+
+class Learned:
+    """The learned layer: multilingual-e5-small's vectors (one model, loaded once) and the shipped heads, for what a
+    user asks (`harm`) and what a document says (`instructions`)."""
+
+    def __init__(self, embedder, harm: Head, injection: Head):
+        for head in (harm, injection):
+            if head.embedder != embedder.name:
+                raise ValueError(f"a safety head was trained on {head.embedder}, not {embedder.name}")
+        self.embedder, self.harm, self.injection = embedder, harm, injection
+        # Sentence → verdict: a passage costs 60-90 ms to screen here (benchmarks/safety.py), and the passages of a
+        # knowledge base come back again and again. Bounded; the oldest verdicts go first.
+        self.verdicts: dict[str, bool] = {}
+
+    def judge(self, text: str, pattern: str | None = None) -> str | None:
+        """"harmful", "self_harm" or None for a message; `pattern` is what the patterns said of it, which stands
+        unless the head is sure enough that it is harmless (its harm probability below the head's `veto`)."""
+        probabilities = self.harm.probabilities(self.embedder.queries([text[:2000]]))
+        flagged = self.harm.flagged_by(probabilities)[0]
+        if flagged is None and pattern is not None and 1 - probabilities[0, 0] >= self.harm.veto:
+            return pattern
+        return flagged
+
+    def instructions(self, sentences: list[str]) -> list[bool]:
+        """Which sentences of a document address the assistant (prompt injection)."""
+        new = [s for s in dict.fromkeys(sentences) if s not in self.verdicts]
+        if new:
+            for sentence, flag in zip(new, self.injection.flagged(self.embedder.queries(new)), strict=True):
+                self.verdicts[sentence] = flag is not None
+            while len(self.verdicts) > MAX_VERDICTS:
+                self.verdicts.pop(next(iter(self.verdicts)), None)
+        return [self.verdicts.get(s, False) for s in sentences]
+
+
+@cache
+def load_learned() -> Learned:
+    """The shipped heads over the shared multilingual embedder, loaded once per process."""
+    from knowledge.multilingual import MultilingualEmbedder
+
+    return Learned(MultilingualEmbedder.load(), Head.read(HARM_HEAD), Head.read(INJECTION_HEAD))
+
+
 class SafetyGuard:
-    """The patterns, plus an optional guard classifier (`--safety-model`: a Hub id or folder of a
-    text-classification model whose labels say safe/unsafe, e.g. a prompt-guard or toxicity classifier). A
-    message is refused when either says so; without a model, or when it cannot be loaded, the patterns alone
-    decide (and `model_error` says why)."""
+    """The patterns, the learned classifier (`learned`, see README "Safety"), and an optional guard model
+    (`--safety-model`: a Hub id or folder of a text-classification model whose labels say safe/unsafe, e.g. a
+    prompt-guard or toxicity classifier). A message is refused when any says so; without a guard model, or when it
+    cannot be loaded, the others decide (and `model_error` says why)."""
 
     UNSAFE = re.compile(r"unsafe|harm|toxic|jailbreak|injection|malicious|violen|self.?harm|^label_1$", re.I)
 
-    def __init__(self, model: str | None = None, threshold: float = 0.5):
+    def __init__(self, model: str | None = None, threshold: float = 0.5, learned: Learned | None = None):
         self.model_name, self.threshold, self.classifier, self.model_error = model, threshold, None, None
+        self.learned = learned
         if model:
             try:
                 from transformers import pipeline
@@ -235,6 +328,8 @@ class SafetyGuard:
 
     def judge(self, text: str) -> Verdict:
         verdict = judge(text)
+        if self.learned is not None:
+            verdict = Verdict(self.learned.judge(text, verdict.category))
         if verdict.harmful or self.classifier is None:
             return verdict
         scores = self.classifier(text[:2000])
@@ -261,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.safety", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="JSONL rows: text, language, harmful")
     parser.add_argument("--safety-model", default=None, help="a guard classifier to add to the patterns")
+    parser.add_argument("--safety-classifier", action=argparse.BooleanOptionalAction, default=True,
+                        help="the learned harm head over multilingual-e5-small besides the patterns (the default)")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    guard = SafetyGuard(args.safety_model)
+    guard = SafetyGuard(args.safety_model, learned=load_learned() if args.safety_classifier else None)
     if guard.model_error:
         print(f"warning: {guard.model_error}", file=sys.stderr)
     table = rates(rows, guard)

@@ -34,6 +34,10 @@ def real_models_only_when_slow(request, monkeypatch):
 
     monkeypatch.setattr("chatbot.models.embedded_gguf", forbidden)
     monkeypatch.setattr("knowledge.embedder.embedded_embedder_path", forbidden)
+    monkeypatch.setattr("knowledge.multilingual.MultilingualEmbedder.load", forbidden)
+    # An assistant built here judges with the patterns alone: the learned safety layer runs on the multilingual
+    # embedder, so its tests are slow (tests/test_safety_learned.py).
+    monkeypatch.setattr("chatbot.safety.load_learned", lambda: None)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,393 @@
+"""Train the learned safety heads over multilingual-e5-small and write them, with the figures they were chosen on,
+to chatbot/heads/: the harm classifier (what a user asks: safe, harmful, self-harm) and the injection filter (what a
+document says: ordinary, or an instruction planted for the assistant).
+
+    python -m chatbot.safety_train                  # both heads, about 8 minutes on 2 CPU cores
+    python -m chatbot.safety_train --head harm      # one of them
+
+Data, written for this project (chatbot/safety_data/, README "Safety" says what is in it): requests in English and
+Chinese labelled safe, harmful or self-harm, each with the intent it phrases; sentences labelled planted instruction
+or ordinary, each with the goal or the family it belongs to. Every set is split by intent (per language and kind:
+70% train, 15% validation, 15% test, by a hash of the intent), so no paraphrase of a test item is trained on. The
+older project sets (chatbot/eval/safety.jsonl, safety_probe.jsonl, injection.jsonl) are used for training only;
+the unseen sets (safety_unseen.jsonl, injection_unseen.jsonl) and the everyday requests only for reporting.
+
+Each head is a logistic regression (scikit-learn) on the e5 query vectors, beside the patterns (chatbot.safety,
+chatbot.grounding), which stay. Its L2 strength, threshold and (harm) veto are chosen without the test split: for
+harm, on the train and validation splits together in 5 folds grouped by intent (each request judged by a head that
+never saw its intent), the most unsafe requests refused while the whole check (the head, and the patterns unless
+the head's harm probability is below the veto) refuses at most 5% of the benign requests in each language and 1%
+of the everyday ones; the head is then trained on both splits. For injection, on the validation split: the
+most planted instructions removed (patterns or head) while no sentence of the bundled corpus's validation files and
+at most 10% of the ordinary validation sentences are. The test split, the unseen
+sets and the sentences of the evaluation corpora the project did not write (knowledge.eval.external: pydoc,
+rust-zh, man-zh, where installed) are scored once, with that choice; the figures go into the head's file and are
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from chatbot.grounding import looks_like_injection
+from chatbot.safety import HARM_HEAD, INJECTION_HEAD, Head, judge
+from knowledge.chunking import chunk_document, split_sentences
+from knowledge.evaluate import read_jsonl
+from knowledge.loaders import find_files, load_file
+from knowledge.multilingual import MultilingualEmbedder
+from knowledge.store import BUNDLED_CORPUS
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "safety_data"
+EVAL = HERE / "eval"
+SHARES = (0.70, 0.85)  # train below the first, validation below the second, test above
+STRENGTHS = (1.0, 4.0, 16.0, 64.0)  # scikit-learn's C, chosen on validation
+FOLDS = 5
+MAX_FALSE_REFUSALS = 0.05  # benign requests refused, per language (the goal for the test split too)
+MAX_EVERYDAY_REFUSED = 0.01  # everyday requests refused (none would be the goal: 0 left about 30% of harm refused)
+VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # below this harm probability the head overrules a pattern (0: never)
+MAX_ORDINARY_REMOVED = 0.10  # the hand-written ordinary validation sentences (manual steps, notes about AI ...)
+MAX_CATALOG_REMOVED = 0.0  # the interface messages of the validation catalogs: none (0.5% let 0.7% of a corpus go)
+CATALOGS = Path("/usr/share/locale/zh_CN/LC_MESSAGES")  # gettext catalogs installed here: Chinese interface texts
+PER_CATALOG = 40  # messages taken from each (about 3,000 in all: embedding them takes a minute or two)
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.01), 2)
+
+
+def split_of(intent: str, members: list[str]) -> str:
+    """train, validation or test for `intent`, whose group (same language and kind) has these intents."""
+    order = sorted(members, key=lambda name: hashlib.sha1(name.encode()).hexdigest())
+    position = order.index(intent) / len(order)
+    return "train" if position < SHARES[0] else "validation" if position < SHARES[1] else "test"
+
+
+def assign_splits(rows: list[dict], kind: str) -> None:
+    """Set row["split"] by intent, within each (language, `kind` value) group."""
+    groups: dict[tuple, set[str]] = {}
+    for row in rows:
+        groups.setdefault((row["language"], row[kind]), set()).add(row["intent"])
+    members = {key: sorted(intents) for key, intents in groups.items()}
+    for row in rows:
+        row["split"] = split_of(row["intent"], members[row["language"], row[kind]])
+
+
+def fit(vectors: np.ndarray, labels: np.ndarray, strength: float, classes: tuple[str, ...], embedder: str) -> Head:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=strength, max_iter=2000, class_weight="balanced")
+    model.fit(vectors, labels)
+    if len(classes) == 2:  # one row for class 1: sigmoid(w·x + c) is the softmax of the logits (0, w·x + c)
+        return Head(classes, np.vstack([np.zeros_like(model.coef_), model.coef_]),
+                    np.concatenate([[0.0], model.intercept_]), 0.5, embedder)
+    order = [list(model.classes_).index(i) for i in range(len(classes))]
+    return Head(classes, model.coef_[order], model.intercept_[order], 0.5, embedder)
+
+
+def rates(flags: np.ndarray, rows: list[dict]) -> dict:
+    """How many of `rows` are flagged, per language and overall."""
+    table = {}
+    for language in ("en", "zh", "all"):
+        chosen = [bool(f) for f, r in zip(flags, rows, strict=True) if language in ("all", r["language"])]
+        table[language] = {"n": len(chosen), "flagged": sum(chosen), "rate": round(sum(chosen) / max(len(chosen), 1),
+                                                                                   4)}
+    return table
+
+
+def by_layer(layers: dict[str, np.ndarray], rows: list[dict], chosen: list[int]) -> dict:
+    return {name: rates(flags[chosen], [rows[i] for i in chosen]) for name, flags in layers.items()}
+
+
+def parts(rows: list[dict]) -> dict[str, list[int]]:
+    return {name: [i for i, r in enumerate(rows) if r["split"] == name] for name in ("train", "validation", "test")}
+
+
+# ----- the harm classifier -------------------------------------------------------------------------------------
+def harm_rows() -> list[dict]:
+    rows = [row for path in sorted(DATA.glob("requests*.jsonl")) for row in read_jsonl(path)]
+    assign_splits(rows, "kind")
+    rows += [labelled(row, "train", name) for name in ("safety.jsonl", "safety_probe.jsonl")  # the patterns were
+             for row in read_jsonl(EVAL / name)]                                              # tuned on these
+    return rows
+
+
+def labelled(row: dict, split: str, source: str) -> dict:
+    """A row of the older sets (text, language, harmful, category) in the shape of the new ones."""
+    label = "self_harm" if row.get("category") == "self_harm" else "harmful" if row.get("harmful") else "benign"
+    return {"text": row["text"], "language": row["language"], "label": label, "split": split, "intent": source,
+            "kind": "everyday" if source == "everyday.jsonl" else "lookalike" if label == "benign" else label}
+
+
+def refusals(unsafe: np.ndarray, patterns: np.ndarray, threshold: float, veto: float) -> dict[str, np.ndarray]:
+    """Who refuses: the patterns alone, the head alone (at `threshold`), and the whole check: the head, or a pattern
+    unless the head's harm probability is below `veto` (as chatbot.safety.Learned.judge decides)."""
+    head = unsafe >= threshold
+    return {"patterns": patterns, "head": head, "both": head | (patterns & (unsafe >= veto))}
+
+
+def choose_harm(unsafe: np.ndarray, patterns: np.ndarray, rows: list[dict]) -> tuple[float, float, float]:
+    """(share of the unsafe rows refused, threshold, veto): the most refused while at most MAX_FALSE_REFUSALS of the
+    benign rows in each language, and MAX_EVERYDAY_REFUSED of the everyday ones, are refused."""
+    benign = [np.array([r["label"] == "benign" and r["language"] == lang for r in rows]) for lang in ("en", "zh")]
+    everyday = np.array([r["kind"] == "everyday" for r in rows])
+    unsafe_rows = np.array([r["label"] != "benign" for r in rows])
+    best = (-1.0, 1.0, 0.0)
+    for threshold in THRESHOLDS:
+        for veto in VETOES:
+            refused = refusals(unsafe, patterns, threshold, veto)["both"]
+            if (all(refused[mask].mean() <= MAX_FALSE_REFUSALS for mask in benign)
+                    and refused[everyday].mean() <= MAX_EVERYDAY_REFUSED):
+                best = max(best, (float(refused[unsafe_rows].mean()), float(threshold), veto))
+    return best
+
+
+def out_of_fold(vectors: np.ndarray, labels: np.ndarray, groups: list[str], strength: float, classes: tuple[str, ...]
+                ) -> np.ndarray:
+    """Each row's class probabilities from a head trained without its intent (5 folds grouped by intent)."""
+    from sklearn.model_selection import GroupKFold
+
+    probabilities = np.zeros((len(labels), len(classes)))
+    for inside, outside in GroupKFold(n_splits=FOLDS).split(vectors, labels, groups):
+        probabilities[outside] = fit(vectors[inside], labels[inside], strength, classes, "").probabilities(
+            vectors[outside])
+    return probabilities
+
+
+def harm_figures(head: Head, vectors: np.ndarray, rows: list[dict], patterns: np.ndarray) -> dict:
+    """Refused by each layer, for the harmful, self-harm and benign rows."""
+    return by_kind(refusals(1 - head.probabilities(vectors)[:, 0], patterns, head.threshold, head.veto), rows)
+
+
+def by_kind(layers: dict[str, np.ndarray], rows: list[dict]) -> dict:
+    """Refused by each layer, for the harmful, self-harm and benign rows (benign also as look-alike and everyday)."""
+    groups = {label: [i for i, r in enumerate(rows) if r["label"] == label] for label in ("harmful", "self_harm",
+                                                                                        "benign")}
+    groups |= {kind: [i for i, r in enumerate(rows) if r["kind"] == kind] for kind in ("lookalike", "everyday")}
+    return {name: by_layer(layers, rows, chosen) for name, chosen in groups.items() if chosen}
+
+
+def train_harm(embedder: MultilingualEmbedder) -> dict:
+    rows = harm_rows()
+    classes = ("safe", "harmful", "self_harm")
+    labels = np.array([classes.index(r["label"].replace("benign", "safe")) for r in rows])
+    print(f"embedding {len(rows)} requests ...", file=sys.stderr, flush=True)
+    vectors = embedder.queries([r["text"] for r in rows])
+    patterns = np.array([judge(r["text"]).harmful for r in rows])
+    split = parts(rows)
+    # Train and validation together, in 5 folds by intent: each row is judged by a head that never saw its intent,
+    # so the strength, threshold and veto are chosen on 85% of the data rather than 15%. The older sets train only.
+    known = split["train"] + split["validation"]
+    groups = [rows[i]["intent"] for i in known]
+    chosen = [k for k, i in enumerate(known) if rows[i]["intent"] not in ("safety.jsonl", "safety_probe.jsonl")]
+    chosen_rows, chosen_patterns = [rows[known[k]] for k in chosen], patterns[known][chosen]
+    best = None
+    for strength in STRENGTHS:
+        unsafe = 1 - out_of_fold(vectors[known], labels[known], groups, strength, classes)[:, 0]
+        refused, threshold, veto = choose_harm(unsafe[chosen], chosen_patterns, chosen_rows)
+        print(f"C={strength}: threshold {threshold:.2f}, veto {veto:.2f}, unsafe refused out of fold {refused:.3f}",
+              file=sys.stderr)
+        if best is None or refused > best[0]:
+            best = (refused, strength, threshold, veto, unsafe)
+    _, strength, threshold, veto, unsafe = best
+    head = fit(vectors[known], labels[known], strength, classes, embedder.name)
+    head = Head(classes, head.weights, head.bias, threshold, embedder.name, veto)
+    figures = {"validation (out of fold)": by_kind(refusals(unsafe[chosen], chosen_patterns, threshold, veto),
+                                                   chosen_rows),
+               "test": harm_figures(head, vectors[split["test"]], [rows[i] for i in split["test"]],
+                                    patterns[split["test"]])}
+    for name in ("safety_unseen.jsonl", "everyday.jsonl"):
+        extra = [labelled(row, "report", name) for row in read_jsonl(EVAL / name)]
+        figures[name] = harm_figures(head, embedder.queries([r["text"] for r in extra]), extra,
+                                     np.array([judge(r["text"]).harmful for r in extra]))
+    sizes = {name: {"requests": len(split[name]), "intents": len({rows[i]["intent"] for i in split[name]})}
+             for name in split}
+    head.write(HARM_HEAD, strength=strength, folds=FOLDS, split=sizes, figures=figures,
+               trained_on="the train split of chatbot/safety_data/requests*.jsonl, and chatbot/eval/safety.jsonl, "
+                          "safety_probe.jsonl")
+    return figures
+
+
+# ----- the injection filter ------------------------------------------------------------------------------------
+def corpus_sentences(folder: Path) -> dict[str, list[str]]:
+    """file → the sentences of its chunks, as the injection filter sees them in passages."""
+    sentences = {}
+    for path, source in find_files([folder]):
+        chunks = chunk_document(load_file(path, source))
+        sentences[source] = [s for chunk in chunks for s in split_sentences(chunk.text) if s.strip()]
+    return sentences
+
+
+def catalog_messages(folder: Path = CATALOGS, per_catalog: int = PER_CATALOG) -> dict[str, list[str]]:
+    """catalog → some of its messages, Chinese translations and their English originals: the interface texts of the
+    programs installed here ("请检查网络连接后重试"), many of them instructions to a person, none to an assistant. Read
+    from the machine's gettext catalogs (.mo), never copied into the repository; every `step`-th message is taken."""
+    messages = {}
+    for path in sorted(folder.glob("*.mo")) if folder.is_dir() else []:
+        pairs = mo_pairs(path.read_bytes())
+        texts = [t.strip() for pair in pairs for t in pair if len(t.strip()) >= 8 and "%" not in t]
+        texts = sorted(set(texts))
+        step = max(1, len(texts) // per_catalog)
+        messages[path.stem] = texts[::step][:per_catalog]
+    return messages
+
+
+def mo_pairs(data: bytes) -> list[tuple[str, str]]:
+    """(original, translation) pairs of a GNU .mo file (little-endian, as Debian ships them)."""
+    import struct
+
+    magic, _, count, originals, translations = struct.unpack("<5I", data[:20])
+    if magic != 0x950412DE:
+        return []
+
+    def text(table: int, number: int) -> str:
+        length, offset = struct.unpack("<2I", data[table + 8 * number: table + 8 * number + 8])
+        return data[offset: offset + length].decode("utf-8", errors="replace").split("\x00")[0]
+
+    return [(text(originals, n), text(translations, n)) for n in range(count) if text(originals, n)]
+
+
+def injection_rows() -> list[dict]:
+    """The labelled sentences, and as ordinary ones the bundled corpus's sentences and the machine's interface
+    messages (each split by file)."""
+    rows = [row for path in sorted(DATA.glob("injection*.jsonl")) for row in read_jsonl(path)]
+    for row in rows:
+        row["kind"] = "instruction" if row["instruction"] else "ordinary"
+    assign_splits(rows, "kind")
+    rows += [row | {"split": "train", "kind": "older set"} for row in read_jsonl(EVAL / "injection.jsonl")]
+    for kind, files in (("corpus", corpus_sentences(BUNDLED_CORPUS)), ("catalog", catalog_messages())):
+        for name in sorted(files):
+            split = split_of(name, sorted(files))
+            rows += [{"text": s, "language": "", "instruction": False, "split": split, "kind": kind}
+                     for s in files[name]]
+    return rows
+
+
+def injection_layers(head: Head, vectors: np.ndarray, texts: list[str], threshold: float | None = None,
+                     patterns: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    patterns = np.array([looks_like_injection(t) for t in texts]) if patterns is None else patterns
+    learned = head.probabilities(vectors)[:, 1] >= (head.threshold if threshold is None else threshold)
+    return {"patterns": patterns, "head": learned, "both": patterns | learned}
+
+
+def injection_figures(layers: dict[str, np.ndarray], rows: list[dict], chosen: list[int]) -> dict:
+    groups = {"planted": [i for i in chosen if rows[i]["instruction"]],
+              "ordinary": [i for i in chosen if not rows[i]["instruction"]
+                           and rows[i]["kind"] not in ("corpus", "catalog")],
+              "bundled corpus": [i for i in chosen if rows[i]["kind"] == "corpus"],
+              "interface messages": [i for i in chosen if rows[i]["kind"] == "catalog"]}
+    return {name: by_layer(layers, rows, members) for name, members in groups.items() if members}
+
+
+def train_injection(embedder: MultilingualEmbedder, external: bool) -> dict:
+    rows = injection_rows()
+    texts = [r["text"] for r in rows]
+    print(f"embedding {len(rows)} sentences ...", file=sys.stderr, flush=True)
+    vectors = embedder.queries(texts)
+    patterns = np.array([looks_like_injection(t) for t in texts])
+    labels = np.array([int(r["instruction"]) for r in rows])
+    split = parts(rows)
+    validation = split["validation"]
+    planted = [i for i in validation if rows[i]["instruction"]]
+    ordinary = [i for i in validation if not rows[i]["instruction"] and rows[i]["kind"] not in ("corpus", "catalog")]
+    corpus = [i for i in validation if rows[i]["kind"] == "corpus"]
+    catalog = [i for i in validation if rows[i]["kind"] == "catalog"]
+    classes, best = ("ordinary", "instruction"), None
+    for strength in STRENGTHS:
+        head = fit(vectors[split["train"]], labels[split["train"]], strength, classes, embedder.name)
+        for threshold in THRESHOLDS:
+            removed = injection_layers(head, vectors, texts, threshold, patterns)["both"]
+            if (removed[corpus].any() or removed[ordinary].mean() > MAX_ORDINARY_REMOVED
+                    or catalog and removed[catalog].mean() > MAX_CATALOG_REMOVED):
+                continue
+            caught = removed[planted].mean()
+            if best is None or caught > best[0]:
+                best = (caught, strength, Head(classes, head.weights, head.bias, float(threshold), embedder.name))
+            break  # the lowest acceptable threshold catches the most
+        print(f"C={strength}: validation planted removed {best[0] if best else 0:.3f} (best so far)", file=sys.stderr)
+    _, strength, head = best
+    layers = injection_layers(head, vectors, texts, patterns=patterns)
+    figures = {name: injection_figures(layers, rows, split[name]) for name in ("validation", "test")}
+    unseen = [row | {"kind": "unseen"} for row in read_jsonl(EVAL / "injection_unseen.jsonl")]
+    unseen_texts = [r["text"] for r in unseen]
+    figures["injection_unseen.jsonl"] = injection_figures(
+        injection_layers(head, embedder.queries(unseen_texts), unseen_texts), unseen, list(range(len(unseen))))
+    if external:
+        figures |= external_corpora(head, embedder)
+    head.write(INJECTION_HEAD, strength=strength, split={name: len(split[name]) for name in split}, figures=figures,
+               trained_on="the train split of chatbot/safety_data/injection*.jsonl, chatbot/eval/injection.jsonl, "
+                          "and as ordinary sentences the bundled corpus's train files and the messages of the train "
+                          f"catalogs in {CATALOGS}")
+    return figures
+
+
+def external_corpora(head: Head, embedder: MultilingualEmbedder) -> dict:
+    """Sentences removed from each evaluation corpus the project did not write (none is a planted instruction)."""
+    import tempfile
+
+    from knowledge.eval.external import CORPORA
+
+    figures = {}
+    for name, write in CORPORA.items():
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                files = corpus_sentences(write(Path(folder) / name))
+            except (OSError, RuntimeError, ValueError) as err:
+                print(f"{name}: not available here ({err})", file=sys.stderr)
+                continue
+        texts = [s for sentences in files.values() for s in sentences]
+        print(f"embedding the {len(texts)} sentences of {name} ...", file=sys.stderr, flush=True)
+        rows = [{"language": "", "instruction": False, "kind": "corpus"} for _ in texts]
+        layers = injection_layers(head, embedder.queries(texts), texts)
+        figures[name] = {"corpus": by_layer(layers, rows, list(range(len(rows))))}
+    return figures
+
+
+# ----- the command ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chatbot.safety_train", description=__doc__.split("\n")[0])
+    parser.add_argument("--head", choices=("harm", "injection", "both"), default="both")
+    parser.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
+                        help="also count the sentences removed from the evaluation corpora the project did not write")
+    args = parser.parse_args(argv)
+    embedder = MultilingualEmbedder.load()
+    if args.head in ("harm", "both"):
+        print_harm(train_harm(embedder))
+    if args.head in ("injection", "both"):
+        print_injection(train_injection(embedder, args.external))
+    return 0
+
+
+def cell(table: dict, layers: tuple[str, ...], language: str) -> str:
+    return " / ".join(str(table[layer][language]["flagged"]) for layer in layers) + \
+        f" of {table['both'][language]['n']}"
+
+
+def print_harm(figures: dict) -> None:
+    print("\nHarm classifier (chatbot/heads/harm.json): requests refused by the patterns / the head / both\n")
+    print("| set | language | harmful | self-harm | benign look-alikes | everyday |\n|---|---|---|---|---|---|")
+    layers = ("patterns", "head", "both")
+    for name, table in figures.items():
+        for language in ("en", "zh"):
+            cells = [cell(table[label], layers, language) if label in table else "–"
+                     for label in ("harmful", "self_harm", "lookalike", "everyday")]
+            print(f"| {name} | {language} | " + " | ".join(cells) + " |")
+
+
+def print_injection(figures: dict) -> None:
+    print("\nInjection filter (chatbot/heads/injection.json): sentences removed by the patterns / the head / both\n")
+    print("| set | planted instructions | ordinary sentences (hand-written) | interface messages | corpus sentences |"
+          "\n|---|---|---|---|---|")
+    layers = ("patterns", "head", "both")
+    for name, table in figures.items():
+        cells = [cell(table[group], layers, "all") if group in table else "–"
+                 for group in ("planted", "ordinary", "interface messages")]
+        corpus = table.get("bundled corpus") or table.get("corpus")
+        cells.append(cell(corpus, layers, "all") if corpus else "–")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
