@@ -3,7 +3,7 @@
 `Engine` is the interface the turn pipeline, the app and the CLI use; three backends implement it:
 
 - `transformers` (chatbot.hf_engine): PyTorch `generate`, for GPUs and for parity with training;
-- `onnx` (chatbot.onnx_engine): the model compiled once with onnxruntime-genai (int4 by default), the CPU
+- `onnx` (chatbot.onnx_engine): the model compiled once with onnxruntime-genai (int8 by default), the CPU
   default: about 6-9x faster decoding on a small CPU, and several sessions decoded in one batch;
 - `openai` (chatbot.openai_engine): any OpenAI-compatible server (vLLM, TGI, llama.cpp's server, Ollama, or
   another instance of this app), through the `openai` client.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise a GGUF checkpoint into a transformers folder at `target` (once; atomic)."""
     if (target / "config.json").is_file():
         return target
-    print(f"Converting {gguf.name} into {target} (once; takes up to a minute)...", flush=True)
+    print(f"Converting {gguf.name} into {target} (once; takes up to a minute)...", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain float tensors now, but transformers still flags the model as GGUF-quantised

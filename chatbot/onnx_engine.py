@@ -6,7 +6,7 @@
 
 The first load of a model converts it: the transformers checkpoint (a LoRA adapter merged first, a GGUF file
 dequantised, as chatbot.models loads them) is saved to a scratch folder and onnxruntime-genai's model builder
-writes the ONNX graph at the chosen precision (int4 by default, see README "Serving") into
+writes the ONNX graph at the chosen precision (int8 by default, see README "Serving") into
 `models_dir()/onnx/<model>-<precision>-<digest>/`, written beside and renamed, so a crash leaves nothing half
 made. Later loads take about a second.
 
@@ -43,10 +43,14 @@ from chatbot.models import (
 )
 from common.paths import built_beside, models_dir
 
-PRECISIONS = ("int4", "int8", "fp32")
-# The fastest precision that keeps the dialogue suite passing and key-fact recall within a point of transformers
-# (README, "Serving": measured with benchmarks/serving.py and python -m chatbot.evaluate --backend onnx).
-DEFAULT_PRECISION = "int4"
+PRECISIONS = ("int4", "int4-kq", "int8", "fp32")
+# What the model builder is told for each precision: int4-kq is int4 with the k-quant algorithm, and the LM head
+# and the most quantisation-sensitive layers (llama.cpp's mixed strategy) in int8.
+BUILDER_OPTIONS = {"int4": ["-p", "int4"], "int4-kq": ["-p", "int4", "--extra_options", "algo_config=k_quant_mixed"],
+                   "int8": ["-p", "int8"], "fp32": ["-p", "fp32"]}
+# The fastest precision that loses at most one answer against fp32 in each language on the factual check
+# (benchmarks/quality.py, README "Serving"): int8 (English 32/40, fp32 31/40); int4 lost 7 and int4-kq 2.
+DEFAULT_PRECISION = "int8"
 CONFIG_FILE = "genai_config.json"
 _DONE = object()
 
@@ -93,7 +97,7 @@ def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
         tokenizer.save_pretrained(work / "merged")
         del model
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "merged"),
-                   "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(work / "cache")]
+                   "-o", str(out), *BUILDER_OPTIONS[precision], "-e", "cpu", "-c", str(work / "cache")]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not (out / CONFIG_FILE).is_file():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])

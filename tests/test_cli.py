@@ -12,8 +12,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1"} | env
     return subprocess.run([sys.executable, "-m", "chatbot", *args], cwd=ROOT, env=env, input=stdin,
                           capture_output=True, text=True, timeout=300)
 
@@ -49,9 +49,11 @@ def test_empty_question_is_an_error_not_a_traceback():
 
 
 @pytest.mark.slow
-def test_embedded_model_knows_the_capital_of_france():
-    result = run_cli("ask", "What is the capital of France?", "--json")
+def test_embedded_model_knows_the_capital_of_france(tmp_path):
+    # A fresh models folder: the first run converts and compiles the model, and says so on stderr only.
+    result = run_cli("ask", "What is the capital of France?", "--json", CHATBOT_MODELS_DIR=str(tmp_path))
     assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    assert "Converting" in result.stderr and "Compiling" in result.stderr
+    data = json.loads(result.stdout)  # stdout is the JSON alone
     assert "Paris" in data["answer"]
     assert data["model"] == "SmolLM2-135M-Instruct+sample-LoRA"  # the default: the embedded model + shipped LoRA

@@ -63,7 +63,7 @@ def test_without_the_packages_the_app_answers_from_hub_models(tmp_path):
     reply = json.loads(answer.stdout)
     assert "Paris" in reply["answer"] and reply["model"] == "SmolLM2-135M-Instruct+sample-LoRA"
     assert not (tmp_path / "no-models" / EMBEDDED_NAME).exists(), "no GGUF was converted: the package was not there"
-    assert reply["backend"] == "onnx int4" and list((tmp_path / "no-models" / "onnx").iterdir()), \
+    assert reply["backend"] == "onnx int8" and list((tmp_path / "no-models" / "onnx").iterdir()), \
         "the Hub model, its adapter merged, compiled for the default CPU backend"
     found = run("knowledge", "search", "What does LoRA train?", "--json", "--k", "1")  # builds the default index
     assert found.returncode == 0, found.stderr[-2000:]

@@ -257,3 +257,35 @@ def test_api_callers_share_the_uis_rate_limit(engine):
             client.chat.completions.create(model="tiny", messages=user("hi"))
         with pytest.raises(openai.RateLimitError, match="at most 2 a minute"):
             client.chat.completions.create(model="tiny", messages=user("hi"))
+
+
+def test_every_surface_gives_the_same_note_when_the_model_cannot_write_the_language(tokenizer):
+    from chatbot.prompts import CANNOT_WRITE
+    from tests.tiny import tiny_model
+
+    english_only = TransformersEngine(tiny_model(tokenizer), tokenizer, "tiny", 256, ModelProfile(chat=("en",),
+                                                                                                   grounded=()))
+    assistant = Assistant(english_only, ChatConfig(max_new_tokens=8, context_tokens=256))  # no knowledge base
+    question = "法国的首都是哪里？"
+    assert assistant.ask(question).text == CANNOT_WRITE["zh"]
+    with launched(build_app(assistant)) as url:
+        api = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+        reply = api.chat.completions.create(model="tiny", messages=user(question))
+        page = Client(url, verbose=False).predict(question, [], api_name="/chat")
+    assert reply.choices[0].message.content == page["answer"] == CANNOT_WRITE["zh"]
+    assert reply.usage.completion_tokens == 0, "the model wrote nothing that was thrown away"
+
+
+def test_the_k_quant_int4_recipe_compiles_and_generates(onnx_model_dir):
+    engine = OnnxEngine.load(str(onnx_model_dir), "int4-kq", context_tokens=256)
+    usage = Usage()
+    reply = "".join(engine.stream(user("hello"), GenerationOptions(max_new_tokens=8, min_new_tokens=8), usage=usage))
+    assert engine.backend == "onnx int4-kq" and usage.completion_tokens == 8 and reply
+    import onnx
+
+    def bits(folder) -> set[int]:
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        return {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
+
+    assert bits(engine.folder) == {4, 8}, "k-quant int4 keeps the LM head and the sensitive layers in int8"
+    assert bits(OnnxEngine.load(str(onnx_model_dir), "int4", context_tokens=256).folder) == {4}
