@@ -24,6 +24,7 @@ import argparse
 import json
 import re
 import sys
+import threading
 import unicodedata
 from dataclasses import dataclass
 from functools import cache
@@ -278,6 +279,7 @@ class Learned:
         # Sentence → verdict: a passage costs 60-90 ms to screen here (benchmarks/safety.py), and the passages of a
         # knowledge base come back again and again. Bounded; the oldest verdicts go first.
         self.verdicts: dict[str, bool] = {}
+        self.lock = threading.Lock()  # passages are screened by several requests' threads at once
 
     def judge(self, text: str, pattern: str | None = None) -> str | None:
         """"harmful", "self_harm" or None for a message; `pattern` is what the patterns said of it, which stands
@@ -290,13 +292,15 @@ class Learned:
 
     def instructions(self, sentences: list[str]) -> list[bool]:
         """Which sentences of a document address the assistant (prompt injection)."""
-        new = [s for s in dict.fromkeys(sentences) if s not in self.verdicts]
-        if new:
-            for sentence, flag in zip(new, self.injection.flagged(self.embedder.queries(new)), strict=True):
+        with self.lock:
+            new = [s for s in dict.fromkeys(sentences) if s not in self.verdicts]
+        flags = self.injection.flagged(self.embedder.queries(new)) if new else []
+        with self.lock:
+            for sentence, flag in zip(new, flags, strict=True):
                 self.verdicts[sentence] = flag is not None
             while len(self.verdicts) > MAX_VERDICTS:
-                self.verdicts.pop(next(iter(self.verdicts)), None)
-        return [self.verdicts.get(s, False) for s in sentences]
+                self.verdicts.pop(next(iter(self.verdicts)))
+            return [self.verdicts.get(s, False) for s in sentences]
 
 
 @cache
