@@ -208,17 +208,18 @@ class ChatApp:
     def _answering(self, session: str | None, turn: Turn) -> Iterator[None]:
         """While `turn` streams it can be stopped by its session's Stop or by its tab closing; when the stream is
         closed early (Gradio closes it when the client disconnects) the turn stops, freeing the engine."""
+        key = session or ""
         with self.lock:
-            self.running.setdefault(session or "", set()).add(turn)
+            self.running.setdefault(key, set()).add(turn)
         try:
             yield
         finally:
             turn.stop.set()  # a no-op once the answer is complete
             with self.lock:
-                turns = self.running.get(session or "", set())
+                turns = self.running.get(key, set())
                 turns.discard(turn)
                 if not turns:
-                    self.running.pop(session or "", None)
+                    self.running.pop(key, None)
 
     def load(self) -> dict:
         """The UI's share of the load, for /health: turns being answered (the waiting ones are in Gradio's queue)."""

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.serving import percentile  # noqa: E402
 from chatbot.evaluate import EVERYDAY, read_jsonl  # noqa: E402
 from chatbot.grounding import defuse  # noqa: E402
 from chatbot.safety import DATA, SafetyGuard, load_learned  # noqa: E402
@@ -42,11 +43,6 @@ def timings(work: Callable[[str], object], items: list[str]) -> list[float]:
         work(item)
         spent.append((time.perf_counter() - start) * 1000)
     return spent
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 class Busy:
