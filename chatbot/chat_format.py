@@ -13,6 +13,17 @@ from transformers import PreTrainedTokenizerBase
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
+# The turn format this project teaches a base model that has none (Gemma 3 270M: its tokenizer has single tokens for
+# <start_of_turn> and <end_of_turn> but no chat template). Every message, the system one included, is one turn;
+# the assistant's turns are the model's.
+TURN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
 
 def message_text(content: object) -> str:
     """Plain text of a message's content: a string, or a list of parts as Gradio and OpenAI send them."""
@@ -23,6 +34,18 @@ def message_text(content: object) -> str:
     if isinstance(content, list | tuple):
         return "".join(message_text(part) for part in content)
     return "" if content is None else str(content)
+
+
+def add_turn_format(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Give a tokenizer that knows Gemma's turn tokens `TURN_TEMPLATE`, with <end_of_turn> as the token that ends a
+    reply (generation stops there, and fine-tuning teaches it as the end of each reply). False, and nothing
+    changed, for a tokenizer without those tokens."""
+    if any(tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id) for token in TURN_TOKENS):
+        return False
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TURN_TOKENS)}, replace_extra_special_tokens=False)
+    tokenizer.eos_token = TURN_TOKENS[1]
+    tokenizer.chat_template = TURN_TEMPLATE
+    return True
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:

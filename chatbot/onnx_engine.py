@@ -96,7 +96,7 @@ def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
         model.save_pretrained(work / "merged")
         tokenizer.save_pretrained(work / "merged")
         del model
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "merged"),
+        command = [sys.executable, "-m", "chatbot.onnx_engine", "-i", str(work / "merged"),
                    "-o", str(out), *BUILDER_OPTIONS[precision], "-e", "cpu", "-c", str(work / "cache")]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not (out / CONFIG_FILE).is_file():
@@ -104,6 +104,30 @@ def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
             raise ModelNotFoundError(f"Could not compile '{name}' for onnxruntime-genai ({precision}): {tail}\n"
                                      "Use --backend transformers to serve it without compiling.")
     return target
+
+
+def run_builder() -> None:
+    """onnxruntime-genai's model builder (`python -m chatbot.onnx_engine BUILDER-ARGS`), with transformers 5's Gemma 3
+    configuration put the way the builder (0.18) reads it: transformers nests the rotary settings per layer type
+    (`rope_parameters` = {"full_attention": {...}, "sliding_attention": {...}}), the builder expects one flat
+    `rope_parameters` (the global layers') and `rope_local_base_freq` for the sliding-window layers. Editing
+    config.json cannot do it (transformers drops the key it does not know), so the loaded config is patched."""
+    import runpy
+
+    import transformers
+
+    load = transformers.AutoConfig.from_pretrained
+
+    def flat_rope(*args, **kwargs):
+        config = load(*args, **kwargs)
+        rope = getattr(config, "rope_parameters", None) or {}
+        if "sliding_attention" in rope and "full_attention" in rope:
+            config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+            config.rope_parameters = dict(rope["full_attention"])
+        return config
+
+    transformers.AutoConfig.from_pretrained = flat_rope
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
 
 
 class _Decoder:
@@ -168,6 +192,10 @@ class OnnxEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         limit = json.loads((folder / CONFIG_FILE).read_text())["model"].get("context_length") or context_tokens
         self.context_tokens = min(context_tokens, limit)  # the model's positions, as the other backends do
+        # Gemma 3's sliding-window attention fails in onnxruntime-genai when a request's session is shorter than
+        # the window: such requests get the window's length.
+        window = json.loads((folder / CONFIG_FILE).read_text())["model"]["decoder"].get("sliding_window") or {}
+        self.min_session_tokens = int(window.get("window_size") or 0)
         self.eos_token_ids = {i for i in (self.tokenizer.eos_token_id, *self.og_tokenizer.eos_token_ids)
                               if i is not None}
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used from two threads at once
@@ -281,7 +309,8 @@ class OnnxEngine:
     def _admit(self, engine, request: _Request, active: dict) -> None:
         og, options = self.og, request.options
         settings = og.RequestOptions()
-        settings.set_max_session_tokens(len(request.ids) + options.max_new_tokens + 1)
+        settings.set_max_session_tokens(max(self.min_session_tokens,
+                                            len(request.ids) + options.max_new_tokens + 1))
         handle = engine.create_request(options=settings)
         turn = og.TurnOptions(handle)
         turn.set_max_generated_tokens(options.max_new_tokens)
@@ -337,3 +366,7 @@ class OnnxEngine:
         if request.handle is not None:
             request.handle.close()
         request.out.put(error if error is not None else _DONE)
+
+
+if __name__ == "__main__":
+    run_builder()

@@ -46,6 +46,8 @@ class FinetuneConfig:
     skip_invalid: bool = _field(False, "skip (and count) bad records instead of stopping at them")
     system_prompt: str = _field(DEFAULT_SYSTEM_PROMPT, "system message added to dialogues without one, as the "
                                                        "app adds it when serving ('' adds none)")
+    languages: list[str] = _field([], "languages the tuned model writes, for chat and for answers from documents "
+                                      "(its chatbot_model.json; e.g. en zh); default: what the base model writes")
     epochs: float = _field(1.0, "passes over the training data")
     max_steps: int = _field(-1, "optimizer steps; overrides --epochs when > 0")
     batch_size: int = _field(1, "dialogues per device per forward pass")

@@ -44,6 +44,7 @@ from chatbot.models import (
     EMBEDDED_NAME,
     PROFILE_FILE,
     ModelNotFoundError,
+    ModelProfile,
     load_model,
     model_profile,
     resolve_model,
@@ -260,6 +261,8 @@ def write_results(trainer: Trainer, run_dir: Path, config: FinetuneConfig, repor
                   seconds: float) -> None:
     """chatbot_model.json (the base's profile), metrics.json and loss_curve.png, and a summary line."""
     profile = model_profile(config.model or EMBEDDED_NAME, config.model)
+    if config.languages:
+        profile = ModelProfile(chat=tuple(config.languages), grounded=tuple(config.languages))
     (run_dir / PROFILE_FILE).write_text(json.dumps(dataclasses.asdict(profile)) + "\n")
     metrics = collect_metrics(trainer, report, seconds)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")

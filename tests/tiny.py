@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,6 +57,36 @@ def save_tiny_model(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """Write a tiny model + tokenizer folder that `--model FOLDER` loads like any local checkpoint."""
     tokenizer = tiny_tokenizer()
     tiny_model(tokenizer, seed, hidden_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+TURN_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def turn_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer shaped like Gemma 3 base's: <bos>, <eos>, <pad>, single tokens for <start_of_turn> and
+    <end_of_turn> (ordinary ones, not marked special), and no chat template."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=TURN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TRAINING_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny_base_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 text model with `turn_tokenizer`: a base model that has never seen a conversation."""
+    tokenizer = turn_tokenizer()
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                              sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    Gemma3ForCausalLM(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
