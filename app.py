@@ -334,8 +334,7 @@ def build_app(assistant: Assistant, feedback: FeedbackLog | None = None, access:
         if os.environ.get("SPACE_ID") and not os.environ.get("CHATBOT_HOME"):
             gr.Markdown("⚠️ This Space has no persistent storage set (`CHATBOT_HOME`): uploaded documents and "
                         "feedback are lost when it restarts · 未设置持久存储：重启后上传的文档和反馈会丢失。")
-        gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel `{assistant.engine.name}` "
-                    f"({assistant.engine.backend}) · "
+        gr.Markdown(f"## Bilingual chatbot · 双语聊天机器人\nModel {assistant.describe()} · "
                     + (f"knowledge base `{index}`" if index else "no knowledge base")
                     + ". Ask in English or Chinese; answers cite the documents they come from.")
         with gr.Tab("Chat · 聊天"):

@@ -36,13 +36,13 @@ FACTUAL = ROOT / "chatbot" / "eval" / "factual.jsonl"
 NEW_TOKENS = 48
 
 
-def ask(engine, question: str, language: str) -> tuple[str, float, float]:
+def ask(engine, question: str, language: str, new_tokens: int = NEW_TOKENS) -> tuple[str, float, float]:
     """(reply, time to first token, decode tokens/s)."""
     messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                 {"role": "user", "content": user_turn(question, language)}]
     usage, text, first = Usage(), "", None
     start = time.perf_counter()
-    for piece in engine.stream(messages, GenerationOptions(max_new_tokens=NEW_TOKENS), usage=usage):
+    for piece in engine.stream(messages, GenerationOptions(max_new_tokens=new_tokens), usage=usage):
         first = first or time.perf_counter() - start
         text += piece
     total = time.perf_counter() - start

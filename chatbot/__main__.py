@@ -44,7 +44,8 @@ def ask(assistant: Assistant, question: str, as_json: bool) -> None:
     if as_json:
         for _ in turn.stream():
             pass
-        result = turn.answer().to_dict() | {"model": assistant.engine.name, "backend": assistant.engine.backend}
+        engine = assistant.engine_for(turn.language)  # the model for the question's language (--language-models)
+        result = turn.answer().to_dict() | {"model": engine.name, "backend": engine.backend}
         print(json.dumps(result, ensure_ascii=False))
         return
     show(turn)
@@ -62,8 +63,7 @@ def show(turn: Turn) -> None:
 
 
 def chat(assistant: Assistant) -> None:
-    print(f"Chatting with {assistant.engine.name} ({assistant.engine.backend}). Type /exit or press Ctrl-D to quit, "
-          "/reset to start over.")
+    print(f"Chatting with {assistant.describe()}. Type /exit or press Ctrl-D to quit, /reset to start over.")
     history: list[dict] = []
     while True:
         try:

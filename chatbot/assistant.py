@@ -28,7 +28,7 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +55,7 @@ from chatbot.prompts import (
 )
 from chatbot.routing import decide
 from chatbot.safety import SafetyGuard
-from common.language import detect_language
+from common.language import detect_language, language_name
 from knowledge.retriever import Retriever
 
 
@@ -99,11 +99,12 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)  # first_token_s, total_s
     query: str | None = None  # what was searched in the knowledge base
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens: the model's work
+    model: str | None = None  # the model that wrote it; None for quotes and fixed replies
 
     def to_dict(self) -> dict:
         """The JSON shape shared by `python -m chatbot ask --json` and the app's /chat API."""
         return {"answer": self.text, "sources": self.sources, "language": self.language, "mode": self.mode,
-                "timings": self.timings, "query": self.query, "usage": self.usage}
+                "timings": self.timings, "query": self.query, "usage": self.usage, "answered_by": self.model}
 
 
 def conversation_language(history: Sequence[Message], text: str) -> str:
@@ -123,8 +124,9 @@ class Turn:
 
     def __init__(self, language: str, mode: str, produce: Callable[[threading.Event, Usage], Iterator[str]],
                  grounding: Grounding | None = None, finish: Callable[[str], tuple[str, str]] | None = None,
-                 messages: list[Message] | None = None, started: float | None = None):
+                 messages: list[Message] | None = None, started: float | None = None, model: str | None = None):
         self.language, self.mode, self.grounding = language, mode, grounding
+        self.model = model  # the model that writes the answer; None for quotes and fixed replies
         self.messages = messages  # the prompt the model sees (or would see, for quoted and fixed answers)
         self._produce, self._finish = produce, finish
         self.stop = threading.Event()
@@ -156,6 +158,7 @@ class Turn:
                 if passage.number in cited:
                     sources.append({"number": passage.number, "label": passage.label} | hit.to_dict())
         return Answer(text=text, language=self.language, mode=mode, sources=sources, timings=dict(self.timings),
+                      model=self.model if mode in ("chat", "grounded") else None,
                       query=self.grounding.query if self.grounding else None,
                       usage={"prompt_tokens": self.usage.prompt_tokens,
                              "completion_tokens": self.usage.completion_tokens})
@@ -166,8 +169,11 @@ def _fixed(text: str) -> Callable[[threading.Event, Usage], Iterator[str]]:
 
 
 class Assistant:
-    def __init__(self, engine: Engine, config: ChatConfig, retriever: Retriever | None = None):
+    def __init__(self, engine: Engine, config: ChatConfig, retriever: Retriever | None = None,
+                 engines: Mapping[str, Engine] | None = None):
+        """`engine` answers every language but those `engines` (language → engine) take (--language-models)."""
         self.engine, self.config, self.retriever = engine, config, retriever
+        self.engines = dict(engines or {})
         # The patterns, the learned classifier over multilingual-e5-small (loaded once per process), and a guard
         # model when --safety-model names one.
         learned = safety.load_learned() if config.safety_classifier else None
@@ -179,10 +185,25 @@ class Assistant:
     def load(cls, config: ChatConfig) -> Assistant:
         """Load the model and, when `config.index` is set, the knowledge base and its embedder (once)."""
         engine = config.load_engine()
+        engines = config.load_language_engines()
         retriever = (Retriever.open(Path(config.index) if config.index else None, config.embedding_model,
                                     config.dense_languages, config.milvus_uri, config.milvus_collection)
                      if config.index or config.milvus_uri else None)
-        return cls(engine, config, retriever)
+        return cls(engine, config, retriever, engines)
+
+    def engine_for(self, language: str) -> Engine:
+        return self.engines.get(language, self.engine)
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Who answers: "*" → the model for every other language, and language → its own model."""
+        return {"*": self.engine.name} | {language: e.name for language, e in self.engines.items()}
+
+    def describe(self) -> str:
+        """The models and backends, for people: "`A` (onnx int8); Chinese: `B` (onnx int8)"."""
+        parts = [f"`{self.engine.name}` ({self.engine.backend})"]
+        parts += [f"{language_name(language)}: `{e.name}` ({e.backend})" for language, e in self.engines.items()]
+        return "; ".join(parts)
 
     def variant(self, **changes) -> Assistant:
         """The same assistant (engine, knowledge base, guard) with some ChatConfig fields changed, for one request
@@ -197,9 +218,9 @@ class Assistant:
         return GenerationOptions(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                  seed=c.seed, time_limit=c.time_limit)
 
-    def _generate(self, messages: list[Message]) -> Callable[[threading.Event, Usage], Iterator[str]]:
+    def _generate(self, messages: list[Message], engine: Engine) -> Callable[[threading.Event, Usage], Iterator[str]]:
         # No request holds the engine longer than time_limit: the answer so far is kept, generation ends.
-        return lambda stop, usage: self.engine.stream(messages, self.options, stop=stop, usage=usage)
+        return lambda stop, usage: engine.stream(messages, self.options, stop=stop, usage=usage)
 
     def _messages(self, history: Sequence[Message], current: str) -> list[Message]:
         messages = [{"role": "system", "content": self.config.system_prompt}]
@@ -214,6 +235,7 @@ class Assistant:
         check_input(history, question, self.config)
         question = question.strip()
         language = conversation_language(history, question)
+        engine = self.engine_for(language)
         intent = classify(question, self.guard)
         # `plain` is the prompt without passages; fixed replies carry it too, so that a liked answer can become
         # training data in exactly the format the model is served with.
@@ -222,11 +244,12 @@ class Assistant:
             reply = localized(REFUSAL if intent == "harmful" else SELF_HARM, language)
             return Turn(language, "refused", _fixed(reply), messages=plain, started=started)
         if intent == "small_talk" or self.retriever is None:
-            if not self.engine.profile.writes(language, grounded=False):
+            if not engine.profile.writes(language, grounded=False):
                 # The same note on every surface (page, /chat, /v1, CLI), rather than the model's garbled words.
                 note = SMALL_TALK if intent == "small_talk" else CANNOT_WRITE
                 return Turn(language, "chat", _fixed(localized(note, language)), messages=plain, started=started)
-            return Turn(language, "chat", self._generate(plain), messages=plain, started=started)
+            return Turn(language, "chat", self._generate(plain, engine), messages=plain, started=started,
+                        model=engine.name)
         grounding = ground(self.retriever, history, question, language, self.config.min_relevance,
                            self.config.passages, self.guard.learned.instructions if self.guard.learned else None)
         route = decide(question, grounding.hits, self.retriever.lexical, self.config.min_relevance)
@@ -235,7 +258,7 @@ class Assistant:
                         messages=plain, started=started)
         if route.kind == "chat":
             return self._own_answer(history, question, language, OWN_ANSWER if route.reason == "task" else NOT_FOUND,
-                                    started)
+                                    started, engine)
         messages = self._messages(history, user_turn(question, language, grounding.passages))
 
         previous = next((message_text(m["content"]) for m in reversed(history) if m["role"] == "assistant"), "")
@@ -244,7 +267,7 @@ class Assistant:
             return extractive_answer(question, grounding.passages, language, quoted_before=previous,
                                      score=self._sentence_scorer(language, grounding.query))
 
-        if not self.engine.profile.writes(language, grounded=True):
+        if not engine.profile.writes(language, grounded=True):
             return Turn(language, "extractive", _fixed(quotes()), grounding, messages=messages, started=started)
 
         def finish(text: str) -> tuple[str, str]:
@@ -253,27 +276,28 @@ class Assistant:
             # then, so that a generated answer's first token does not wait for the sentence embeddings).
             return (cited_text, "grounded") if cited else (quotes(), "extractive")
 
-        return Turn(language, "grounded", self._generate(messages), grounding, finish, messages, started)
+        return Turn(language, "grounded", self._generate(messages, engine), grounding, finish, messages, started,
+                    model=engine.name)
 
     def _own_answer(self, history: Sequence[Message], question: str, language: str, label: dict[str, str],
-                    started: float) -> Turn:
+                    started: float, engine: Engine) -> Turn:
         """The model's own answer while a knowledge base is open, after a line saying it is not from the documents.
         In a language the model cannot write (its profile), nothing it wrote would help: the reply says so and how
         to get an answer, rather than show its garbled words or unrelated quotes."""
         messages = self._messages(history, user_turn(question, language))
         head = localized(label, language)
-        if not self.engine.profile.writes(language, grounded=False):
+        if not engine.profile.writes(language, grounded=False):
             text = localized(CANNOT_WRITE, language)
             if label is NOT_FOUND:
                 text = f"{localized(NOT_IN_DOCUMENTS, language)}\n{text}"
             return Turn(language, "chat", _fixed(text), messages=messages, started=started)
-        generate = self._generate(messages)
+        generate = self._generate(messages, engine)
 
         def produce(stop: threading.Event, usage: Usage) -> Iterator[str]:
             yield head + "\n\n"
             yield from generate(stop, usage)
 
-        return Turn(language, "chat", produce, messages=messages, started=started)
+        return Turn(language, "chat", produce, messages=messages, started=started, model=engine.name)
 
     def _sentence_scorer(self, language: str, query: str) -> Callable[[str, list[str]], list[float]]:
         """How well sentences answer a question: IDF-weighted term overlap, plus the embedder's cosine

@@ -7,12 +7,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 from chatbot.engine import BACKENDS, Engine, load_engine
+from chatbot.models import BILINGUAL_NAME
 from chatbot.onnx_engine import DEFAULT_PRECISION, PRECISIONS
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
 from knowledge.config import DENSE_LANGUAGES
+
+# With the default model: conversations in Chinese go to the bilingual model fine-tuned here (README, "A bilingual
+# model"), which the side-by-side check found better in Chinese and the default better in English.
+DEFAULT_LANGUAGE_MODELS = f"zh={BILINGUAL_NAME}"
 
 
 @dataclass
@@ -24,6 +30,10 @@ class ChatConfig:
                           "(default: the embedded SmolLM2-135M-Instruct with the shipped sample LoRA adapter; "
                           "SmolLM2-135M-Instruct for the plain model; env CHATBOT_MODEL)"},
     )
+    language_models: str = field(default_factory=lambda: os.environ.get("CHATBOT_LANGUAGE_MODELS", "auto"), metadata={
+        "help": "models for conversations in given languages, 'LANG=MODEL[,LANG=MODEL]', on the same backend and "
+                f"precision; 'auto' (the default): {DEFAULT_LANGUAGE_MODELS} while --model is the default, else "
+                "none; 'none': --model answers every language (env CHATBOT_LANGUAGE_MODELS)"})
     backend: str = field(default_factory=lambda: os.environ.get("CHATBOT_BACKEND", "auto"), metadata={
         "choices": BACKENDS,
         "help": "how the model runs: auto (openai for an openai: model, transformers on a GPU, else onnx), "
@@ -90,9 +100,37 @@ class ChatConfig:
         "help": "comma-separated question languages the embedder handles ('*' = all; set it for a multilingual "
                 f"--embedding-model; default {DENSE_LANGUAGES}, for the bundled English MiniLM)"})
 
-    def load_engine(self) -> Engine:
-        return load_engine(self.model, self.backend, self.device, self.context_tokens, self.precision,
+    def load_engine(self, model: str | None = None) -> Engine:
+        return load_engine(model or self.model, self.backend, self.device, self.context_tokens, self.precision,
                            self.base_url, self.api_key_env)
+
+    def routes(self) -> dict[str, str]:
+        """Language → the model that answers conversations in it, from --language-models."""
+        spec = self.language_models
+        if spec == "auto":
+            spec = "none" if self.model or self.backend == "openai" else DEFAULT_LANGUAGE_MODELS
+        if spec == "none":
+            return {}
+        pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+        if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+            raise ValueError(f"language_models must be 'LANG=MODEL[,LANG=MODEL]', 'auto' or 'none', got {spec!r}")
+        return {language.strip(): model.strip() for language, model in pairs}
+
+    def load_language_engines(self) -> dict[str, Engine]:
+        """The engines of --language-models. With 'auto', a model that cannot be had (its packages not installed,
+        the Hub out of reach) is left out with a warning: the default model then answers, or says it cannot."""
+        from chatbot.models import ModelNotFoundError
+
+        engines = {}
+        for language, model in self.routes().items():
+            try:
+                engines[language] = self.load_engine(model)
+            except ModelNotFoundError as err:
+                if self.language_models != "auto":
+                    raise
+                print(f"warning: {err}\nConversations in {language} are answered by the default model.",
+                      file=sys.stderr)
+        return engines
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -107,6 +145,7 @@ class ChatConfig:
             raise ValueError("max_input_chars and time_limit must be positive, max_history_messages >= 0")
         if self.on_not_covered not in ("answer", "decline"):
             raise ValueError(f"on_not_covered must be 'answer' or 'decline', got {self.on_not_covered!r}")
+        self.routes()  # a malformed --language-models fails here, before any model loads
         if self.passages < 1:
             raise ValueError(f"passages must be at least 1, got {self.passages}")
         if not 0 <= self.min_relevance <= 1:

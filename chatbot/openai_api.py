@@ -149,14 +149,17 @@ def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[
             check_key(request)
         except ApiError as err:
             return err.response()
+        # One model id, the app's; "languages" says which model answers which language (--language-models).
         return JSONResponse({"object": "list", "data": [{"id": served, "object": "model", "created": created,
-                                                         "owned_by": "bilingual-chatbot"}]})
+                                                         "owned_by": "bilingual-chatbot",
+                                                         "languages": assistant.models}]})
 
     async def health(request: Request) -> JSONResponse:
         """Readiness and load, for Spaces and load balancers (no key needed: it tells nothing about the data)."""
         api = {"running": gate.running, "waiting": gate.waiting, "concurrency": limits.concurrency,
                "max_waiting": limits.max_waiting}
-        return JSONResponse({"status": "ok", "model": served, "api": api} | ({"ui": ui_load()} if ui_load else {}))
+        return JSONResponse({"status": "ok", "model": served, "models": assistant.models, "api": api}
+                            | ({"ui": ui_load()} if ui_load else {}))
 
     async def admitted(chosen: Assistant, history: list[dict], question: str, gone: asyncio.Future
                        ) -> tuple[Work, AsyncIterator, Turn]:
@@ -226,7 +229,7 @@ def add_routes(app: FastAPI, assistant: Assistant, gate: Gate, admit: Callable[[
             "id": ident, "object": "chat.completion", "created": int(time.time()), "model": served,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                          "finish_reason": _finish_reason(turn, limit)}],
-            "usage": _usage(turn), "sources": answer.sources, "mode": answer.mode})
+            "usage": _usage(turn), "sources": answer.sources, "mode": answer.mode, "answered_by": answer.model})
 
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", completions, methods=["POST"])

@@ -50,10 +50,10 @@ OWN_ANSWER = {"en": "The model's own answer, not from your documents:", "zh": "�
 # When the model cannot write the user's language (SmolLM2-135M and Chinese: asked in Chinese, it echoes the question
 # or writes nonsense, even when told to answer in English), the reply says so and how to get an answer.
 CANNOT_WRITE = {
-    "en": "(The built-in model cannot write this language well enough to answer. Ask in English, or choose a "
-          "multilingual model with --model.)",
-    "zh": "（内置的小模型（SmolLM2-135M）写不出可用的中文，所以这里不显示它的回答。"
-          "可以改用英文提问，或用 --model 选择一个双语模型，例如 Qwen/Qwen2.5-0.5B-Instruct。）",
+    "en": "(The model serving this conversation cannot write this language well enough to answer. Ask in English, "
+          "or serve a model that writes it: --language-models, or --model with a multilingual model.)",
+    "zh": "（当前使用的模型写不出可用的中文，所以这里不显示它的回答。可以改用英文提问，或用 --language-models "
+          "zh=gemma-3-270m-bilingual（内置双语模型，默认模型下的默认设置）或 --model 选择一个双语模型。）",
 }
 # For small talk in a language the model cannot write.
 SMALL_TALK = {

@@ -223,6 +223,7 @@ class LocalBackend:
     def __init__(self, cache: Path | None = None, model: str | None = None):
         self.model = model  # --model: overrides the dialogues' settings, to compare models on the same suite
         self.engines: dict[str | None, Any] = {}
+        self.language_engines: dict[str | None, dict[str, Any]] = {}  # --language-models of each model, as the app
         self.retrievers: dict[Path, Any] = {}
         self._embedder = None
         self.cache = cache  # where folders of documents are indexed (default: the app's data folder)
@@ -266,7 +267,9 @@ class LocalBackend:
         config.model = self.model or settings.get("model", config.model)
         if config.model not in self.engines:
             self.engines[config.model] = config.load_engine()
-        return Assistant(self.engines[config.model], config, self._retriever(settings.get("index"), base))
+            self.language_engines[config.model] = config.load_language_engines()
+        return Assistant(self.engines[config.model], config, self._retriever(settings.get("index"), base),
+                         self.language_engines[config.model])
 
     def reply(self, dialogue: Dialogue, history: list[dict], message: str) -> tuple[dict, float]:
         answer = self.assistant(dialogue.settings, dialogue.file.parent).ask(message, history)

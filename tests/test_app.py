@@ -49,7 +49,7 @@ def served(engine):
 
 def test_chat_endpoint_answers(served, engine):
     result = served.predict("What is the capital of France?", [], api_name="/chat")
-    assert set(result) == {"answer", "sources", "language", "mode", "timings", "query", "usage"}
+    assert set(result) == {"answer", "sources", "language", "mode", "timings", "query", "usage", "answered_by"}
     assert result["usage"]["completion_tokens"] > 0 and result["usage"]["prompt_tokens"] > 0
     assert result["language"] == "en"
     expected = Assistant(engine, ChatConfig(max_new_tokens=8, context_tokens=256)).ask(
@@ -114,7 +114,8 @@ def test_python_app_py_serves_the_embedded_model():
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=os.environ | {"HF_HUB_OFFLINE": "1"})
     try:
-        url, output, deadline = None, [], time.time() + 240
+        # The first start converts and compiles both built-in models (about three minutes on 2 cores).
+        url, output, deadline = None, [], time.time() + 480
         while url is None and time.time() < deadline:
             line = process.stdout.readline()
             if not line:
@@ -123,8 +124,12 @@ def test_python_app_py_serves_the_embedded_model():
             if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
                 url = match.group(1)
         assert url == f"http://127.0.0.1:{port}", "".join(output)
-        answer = Client(url + "/", verbose=False).predict("What is the capital of France?", [], api_name="/chat")
-        assert "Paris" in answer["answer"]
+        client = Client(url + "/", verbose=False)
+        answer = client.predict("What is the capital of France?", [], api_name="/chat")
+        assert "Paris" in answer["answer"] and answer["answered_by"] == "SmolLM2-135M-Instruct+sample-LoRA"
+        # Chinese goes to the bilingual model (--language-models auto), which answers it in Chinese.
+        answer = client.predict("德国的首都是哪座城市？", [], api_name="/chat")
+        assert "柏林" in answer["answer"] and answer["answered_by"] == "gemma-3-270m-bilingual", answer
     finally:
         process.terminate()
         process.wait(timeout=30)

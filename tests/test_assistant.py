@@ -36,7 +36,8 @@ def test_chinese_question_asks_for_a_chinese_reply(assistant):
 def test_answer_has_text_language_and_timings(assistant):
     answer = assistant.ask("hello")
     data = answer.to_dict()
-    assert set(data) == {"answer", "sources", "language", "mode", "timings", "query", "usage"}
+    assert set(data) == {"answer", "sources", "language", "mode", "timings", "query", "usage", "answered_by"}
+    assert data["answered_by"] == assistant.engine.name
     assert data["mode"] == "chat" and data["query"] is None
     assert data["sources"] == []
     assert 0 <= data["timings"]["first_token_s"] <= data["timings"]["total_s"]

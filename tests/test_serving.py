@@ -289,3 +289,36 @@ def test_the_k_quant_int4_recipe_compiles_and_generates(onnx_model_dir):
 
     assert bits(engine.folder) == {4, 8}, "k-quant int4 keeps the LM head and the sensitive layers in int8"
     assert bits(OnnxEngine.load(str(onnx_model_dir), "int4", context_tokens=256).folder) == {4}
+
+
+def test_conversations_in_a_routed_language_go_to_its_model_on_every_surface(tokenizer):
+    from tests.tiny import tiny_model
+
+    english = TransformersEngine(tiny_model(tokenizer), tokenizer, "english-model", 256,
+                                 ModelProfile(chat=("en",), grounded=()))
+    chinese = TransformersEngine(tiny_model(tokenizer, seed=1), tokenizer, "chinese-model", 256,
+                                 ModelProfile(chat=("zh",), grounded=("zh",)))
+    assistant = Assistant(english, ChatConfig(max_new_tokens=6, context_tokens=256), engines={"zh": chinese})
+    assert assistant.models == {"*": "english-model", "zh": "chinese-model"}
+    assert "Chinese" in assistant.describe() and "`chinese-model`" in assistant.describe()
+    question = "法国的首都是哪里？"
+    answer = assistant.ask(question)
+    assert answer.model == "chinese-model" and answer.usage["completion_tokens"] > 0
+    assert assistant.ask("What is the capital of France?").model == "english-model"
+    with launched(build_app(assistant)) as url:
+        api = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+        reply = api.chat.completions.create(model="english-model", messages=user(question))
+        page = Client(url, verbose=False).predict(question, [], api_name="/chat")
+        listed = api.models.list().data[0]
+    assert reply.choices[0].message.content == page["answer"] == answer.text
+    assert reply.model_extra["answered_by"] == page["answered_by"] == "chinese-model"
+    assert listed.model_extra["languages"] == {"*": "english-model", "zh": "chinese-model"}
+
+
+def test_language_models_default_to_the_bilingual_model_only_with_the_default_model():
+    assert ChatConfig(model=None, backend="onnx").routes() == {"zh": "gemma-3-270m-bilingual"}
+    assert ChatConfig(model="some/model").routes() == {}
+    assert ChatConfig(language_models="none").routes() == {}
+    assert ChatConfig(model="x", language_models="zh=y, ja=z").routes() == {"zh": "y", "ja": "z"}
+    with pytest.raises(ValueError, match="LANG=MODEL"):
+        ChatConfig(language_models="zh")
