@@ -188,8 +188,9 @@ class ChatApp:
         record = answered.get(index) or answered.get(index - 1)
         if record is None or data.liked not in (True, False):
             return comment, "Rate one of the bot's answers · 请对机器人的回答评分"
-        self.feedback_log.record(bool(data.liked), comment or "", record["conversation"], record["answer"],
-                                 self.assistant.engine.name, record["prompt"])
+        model = self.assistant.engine_for(record["answer"]["language"]).name  # whose prompt it was (--language-models)
+        self.feedback_log.record(bool(data.liked), comment or "", record["conversation"], record["answer"], model,
+                                 record["prompt"])
         return "", "Thanks for the feedback · 感谢反馈"
 
     def forget(self, request: gr.Request) -> None:

@@ -200,7 +200,7 @@ class Assistant:
         return {"*": self.engine.name} | {language: e.name for language, e in self.engines.items()}
 
     def describe(self) -> str:
-        """The models and backends, for people: "`A` (onnx int8); Chinese: `B` (onnx int8)"."""
+        """The models and backends, for people: "`A` (onnx int8); Simplified Chinese (简体中文): `B` (onnx int8)"."""
         parts = [f"`{self.engine.name}` ({self.engine.backend})"]
         parts += [f"{language_name(language)}: `{e.name}` ({e.backend})" for language, e in self.engines.items()]
         return "; ".join(parts)
