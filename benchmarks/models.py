@@ -2,7 +2,7 @@
 prints one table:
 
     python benchmarks/models.py                         # about 10 minutes on 2 CPU cores (compiles what is missing)
-    python benchmarks/models.py --models default,chatbot/adapters/gemma3-270m-bilingual --documents 20 --show
+    python benchmarks/models.py --models default,gemma-3-270m-bilingual --documents 20 --show
 
 Per language (English, Chinese):
 - factual: chatbot/eval/factual.jsonl (40 + 40 short questions, different facts per language), asked as
@@ -97,7 +97,7 @@ def documents(engine, spec: str | None, retriever: Retriever, rows: list[dict]) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="default,chatbot/adapters/gemma3-270m-bilingual",
+    parser.add_argument("--models", default="default,gemma-3-270m-bilingual",
                         help="comma-separated --model values ('default': the built-in default)")
     parser.add_argument("--documents", type=int, default=20, help="document questions per language")
     parser.add_argument("--show", action="store_true", help="print the replies that missed")
