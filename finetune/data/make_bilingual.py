@@ -27,6 +27,7 @@ import json
 import random
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from difflib import SequenceMatcher
 from pathlib import Path
 
@@ -121,8 +122,7 @@ def evaluated() -> list[str]:
     return [letters(row.get("text") or row["question"]) for row in rows]
 
 
-def asks_an_evaluated_request(record: dict, tested: list[str]) -> bool:
-    asked = [t["user"] for t in record["turns"]] if record["kind"] == "chat" else [record["question"]]
+def asks_an_evaluated_request(asked: Iterable[str], tested: list[str]) -> bool:
     return any(SequenceMatcher(None, letters(q), t).ratio() >= SAME_REQUEST for q in asked for t in tested)
 
 
@@ -135,7 +135,8 @@ def main() -> int:
     counts: Counter[tuple[str, str, str]] = Counter()
     tested, dropped = evaluated(), []
     for record, source in [*written(), *((r, "refusals") for r in refusals())]:
-        if asks_an_evaluated_request(record, tested):
+        asked = [t["user"] for t in record["turns"]] if record["kind"] == "chat" else [record["question"]]
+        if asks_an_evaluated_request(asked, tested):
             dropped.append(record)
             continue
         messages = chat_messages(record) if record["kind"] == "chat" else grounded_messages(record)
@@ -143,8 +144,7 @@ def main() -> int:
         (held if side == "held-out" else train).append(messages)
         counts[side, source, record["language"]] += 1
     sample = [json.loads(line)["messages"] for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
-    kept = [m for m in sample if not any(SequenceMatcher(None, letters(u), t).ratio() >= SAME_REQUEST
-                                         for u in questions(m) for t in tested)]
+    kept = [m for m in sample if not asks_an_evaluated_request(questions(m), tested)]
     dropped += [{"kind": "chat", "turns": [{"user": next(iter(questions(m)))}]} for m in sample if m not in kept]
     sample = kept
     train += sample
