@@ -62,14 +62,20 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# The files of a model or adapter folder that change what is compiled: weights, configs, tokenizer, chat template (not
+# a model card, metrics, plots, or chatbot_model.json, which only says how the model is served).
+COMPILED_FROM = ("*.safetensors", "*.bin", "*.gguf", "*.model", "*config.json", "tokenizer*.json",
+                 "special_tokens_map.json", "*.jinja")
+
+
 def _fingerprint(source: str) -> str:
     """What identifies the weights behind --model: the resolved source, and for a folder the size and time of
-    each file in it (a retrained adapter in the same folder compiles again)."""
+    each file in it that the compiled model is made from (a retrained adapter in the same folder compiles again)."""
     parts = [source]
     folder = Path(source)
     if folder.is_dir():
         parts += [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                  for p in sorted(folder.rglob("*")) if p.is_file()]
+                  for p in sorted(folder.rglob("*")) if p.is_file() and any(p.match(g) for g in COMPILED_FROM)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 

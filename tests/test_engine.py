@@ -178,3 +178,21 @@ def test_waiting_requests_get_the_engine_in_arrival_order():
     for thread in threads:
         thread.join(timeout=10)
     assert order == [0, 1, 2, 3, 4]
+
+
+def test_the_compiled_models_fingerprint_follows_the_weights_not_the_model_card(tmp_path):
+    import os
+
+    from chatbot.onnx_engine import _fingerprint
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "metrics.json",
+                 "chatbot_model.json"):
+        (tmp_path / name).write_text("1")
+    first = _fingerprint(str(tmp_path))
+    for name in ("README.md", "metrics.json", "chatbot_model.json"):
+        (tmp_path / name).write_text("edited")
+    assert _fingerprint(str(tmp_path)) == first, "editing what only describes the model does not recompile it"
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_text("retrained")
+    os.utime(weights, ns=(1, 1))
+    assert _fingerprint(str(tmp_path)) != first
