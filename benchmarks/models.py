@@ -41,7 +41,7 @@ from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import LoopCheck, load_engine  # noqa: E402
 from chatbot.evaluate import EVERYDAY, QUESTIONS, key_fact_recall, read_jsonl  # noqa: E402
 from chatbot.onnx_engine import DEFAULT_PRECISION  # noqa: E402
-from common.language import detect_language  # noqa: E402
+from common.language import detect_language, letters  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
 from knowledge.store import BUNDLED_CORPUS, scratch_knowledge_base  # noqa: E402
@@ -56,10 +56,6 @@ TRAINED = [ROOT / "finetune/data/sample_dialogues.jsonl", ROOT / "finetune/data/
 def trained_questions() -> set[str]:
     return {letters(m["content"]) for path in TRAINED for line in path.read_text(encoding="utf-8").splitlines()
             for m in json.loads(line)["messages"] if m["role"] == "user"}
-
-
-def letters(text: str) -> str:
-    return "".join(c for c in text.lower() if c.isalnum())
 
 
 def loops(engine, reply: str) -> bool:

@@ -64,5 +64,10 @@ def detect_language(text: str, default: str = "en") -> str:
     return "zh" if code.startswith("zh") else code
 
 
+def letters(text: str) -> str:
+    """The letters and digits of `text`, lower-cased: how two phrasings of one request are compared."""
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
 def language_name(code: str) -> str:
     return LANGUAGE_NAMES.get(code, code)

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT, REFUSAL, SELF_HARM, Passage, shown_passages, user_turn  # noqa: E402
+from common.language import letters  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SOURCES = HERE / "bilingual"
@@ -111,10 +112,6 @@ def refusals() -> list[dict]:
             chosen += [{"kind": "chat", "language": language, "topic": f"refusal-{row['intent']}",
                         "turns": [{"user": row["text"], "assistant": reply}]} for row in group[:count]]
     return chosen
-
-
-def letters(text: str) -> str:
-    return "".join(c for c in text.lower() if c.isalnum())
 
 
 def evaluated() -> list[str]:
