@@ -4,10 +4,10 @@
 
 Messages: the project's everyday requests and its labelled safety requests (chatbot/eval/everyday.jsonl,
 safety.jsonl), each judged once by the patterns alone (the baseline, in the same process) and once by the whole
-check (patterns, then multilingual-e5-small and the harm head), idle and again while another thread keeps a core
-busy (as a generating answer does). Passages: the bundled corpus's chunks, screened for planted instructions by the
-patterns alone and by patterns and the injection head (every sentence embedded, in one batch per passage), then
-again (the verdicts are kept per sentence).
+check (patterns, then multilingual-e5-small tuned into the harm classifier), idle and again while another thread
+keeps a core busy (as a generating answer does). Passages: the bundled corpus's chunks, screened for planted
+instructions by the patterns alone and by patterns and the tuned injection filter (every sentence, in one batch per
+passage), then again (the verdicts are kept per sentence).
 Printed: p50 and p90 milliseconds, and the learned layer's cost over the patterns'.
 """
 
@@ -76,8 +76,10 @@ def main() -> int:
     patterns, whole = SafetyGuard(), SafetyGuard(learned=learned)
     whole.judge("warm-up")
     chunks = [c.text for path, source in find_files([BUNDLED_CORPUS]) for c in chunk_document(load_file(path, source))]
-    print(f"\nThe safety check's cost on this machine ({learned.embedder.backend}, one OpenMP thread), "
-          "milliseconds:\n")
+    import torch
+
+    print(f"\nThe safety check's cost on this machine (multilingual-e5-small in torch, {learned.harm_embedder.backend}"
+          f", {torch.get_num_threads()} threads), milliseconds:\n")
     print("| what | items | p50 ms | p90 ms | over the patterns, p50 |\n|---|---|---|---|---|")
     base = timings(patterns.judge, messages)
     print(row("message: patterns alone (baseline)", base, base))

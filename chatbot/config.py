@@ -90,7 +90,7 @@ class ChatConfig:
         "help": "Hub id or folder of a guard classifier (text-classification, safe/unsafe labels) consulted besides "
                 "the built-in bilingual safety patterns (chatbot.safety)"})
     safety_classifier: bool = field(default=True, metadata={
-        "help": "judge messages and document sentences with the learned classifier over multilingual-e5-small as "
+        "help": "judge messages and document sentences with the learned classifiers (multilingual-e5-small, tuned) as "
                 "well as the patterns (README, 'Safety'); --no-safety-classifier for the patterns alone"})
     on_not_covered: str = field(default="answer", metadata={
         "choices": ("answer", "decline"),

