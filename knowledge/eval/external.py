@@ -11,6 +11,12 @@ is never copied into the repository):
   mandb, passwd, shadow...), rendered by `man` to Markdown-like text, 47 pages; questions in
   `knowledge/eval/man_zh_questions.jsonl` (written for this project after every change to retrieval was made, and
   measured once).
+- `cargo`: the Cargo Book that rustup installs with the Rust documentation (`share/doc/rust/html/cargo`), its
+  chapter pages as HTML (the one-page `print.html`, the table of contents and the changelog left out); questions in
+  `knowledge/eval/cargo_questions.jsonl` (written for this project from the user's side: paraphrases, "how do I…").
+- `vim-zh`: the Chinese Vim tutor and GnuPG's Chinese help, installed here by Debian's vim and gnupg packages
+  (`tutor.zh_cn.txt`, `gnupg-help.zh_CN.txt`); questions in `knowledge/eval/vimtutor_zh_questions.jsonl` (written
+  for this project the same way).
 
     python -m knowledge.eval.external pydoc /tmp/pydoc-corpus
     python -m knowledge evaluate --corpus /tmp/pydoc-corpus --questions knowledge/eval/pydoc_questions.jsonl
@@ -18,6 +24,10 @@ is never copied into the repository):
     python -m knowledge evaluate --corpus /tmp/rust-zh-corpus --questions knowledge/eval/rust_zh_questions.jsonl
     python -m knowledge.eval.external man-zh /tmp/man-zh-corpus
     python -m knowledge evaluate --corpus /tmp/man-zh-corpus --questions knowledge/eval/man_zh_questions.jsonl
+    python -m knowledge.eval.external cargo /tmp/cargo-corpus
+    python -m knowledge evaluate --corpus /tmp/cargo-corpus --questions knowledge/eval/cargo_questions.jsonl
+    python -m knowledge.eval.external vim-zh /tmp/vim-zh-corpus
+    python -m knowledge evaluate --corpus /tmp/vim-zh-corpus --questions knowledge/eval/vimtutor_zh_questions.jsonl
 """
 
 from __future__ import annotations
@@ -32,6 +42,11 @@ from pathlib import Path
 PYDOC_QUESTIONS = Path(__file__).resolve().parent / "pydoc_questions.jsonl"
 RUST_ZH_QUESTIONS = Path(__file__).resolve().parent / "rust_zh_questions.jsonl"
 RUST_BY_EXAMPLE = "share/doc/rust/html/rust-by-example/zh"
+CARGO_BOOK = "share/doc/rust/html/cargo"
+CARGO_QUESTIONS = Path(__file__).resolve().parent / "cargo_questions.jsonl"
+VIM_ZH = {"tutor.zh_cn.txt": "/usr/share/vim/vim90/tutor/tutor.zh_cn.utf-8",
+          "gnupg-help.zh_CN.txt": "/usr/share/gnupg/help.zh_CN.txt"}
+VIM_ZH_QUESTIONS = Path(__file__).resolve().parent / "vimtutor_zh_questions.jsonl"
 MAN_ZH = "/usr/share/man/zh_CN"
 MAN_ZH_QUESTIONS = Path(__file__).resolve().parent / "man_zh_questions.jsonl"
 
@@ -46,23 +61,43 @@ def write_pydoc(folder: Path) -> Path:
     return folder
 
 
-def rust_by_example_zh() -> Path | None:
-    """The installed Chinese Rust by Example, if rustup installed the Rust documentation here."""
-    found = sorted(Path("~/.rustup/toolchains").expanduser().glob(f"*/{RUST_BY_EXAMPLE}"))
+def rust_docs(book: str) -> Path | None:
+    """An installed book of the Rust documentation (rustup's rust-docs component), if there is one."""
+    found = sorted(Path("~/.rustup/toolchains").expanduser().glob(f"*/{book}"))
     return found[0] if found else None
 
 
-def write_rust_zh(folder: Path) -> Path:
-    """Copy the chapter pages of the Chinese Rust by Example into `folder`, keeping their paths; returns it."""
-    book = rust_by_example_zh()
-    if book is None:
-        raise FileNotFoundError(f"no ~/.rustup/toolchains/*/{RUST_BY_EXAMPLE} on this machine (install the Rust "
+def copy_book(book: str, folder: Path, leave_out: tuple[str, ...] = ("print.html", "toc.html")) -> Path:
+    """Copy the chapter pages of an installed Rust documentation book into `folder`, keeping their paths."""
+    found = rust_docs(book)
+    if found is None:
+        raise FileNotFoundError(f"no ~/.rustup/toolchains/*/{book} on this machine (install the Rust "
                                 "documentation with `rustup component add rust-docs`)")
-    for page in book.rglob("*.html"):
-        if page.name not in ("print.html", "toc.html"):
-            target = folder / page.relative_to(book)
+    for page in found.rglob("*.html"):
+        if page.name not in leave_out:
+            target = folder / page.relative_to(found)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(page, target)
+    return folder
+
+
+def write_rust_zh(folder: Path) -> Path:
+    """The chapter pages of the Chinese Rust by Example; returns `folder`."""
+    return copy_book(RUST_BY_EXAMPLE, folder)
+
+
+def write_cargo(folder: Path) -> Path:
+    """The chapter pages of the Cargo Book (no changelog, no 404 page); returns `folder`."""
+    return copy_book(CARGO_BOOK, folder, ("print.html", "toc.html", "CHANGELOG.html", "404.html"))
+
+
+def write_vim_zh(folder: Path) -> Path:
+    """The Chinese Vim tutor and GnuPG's Chinese help as text files; returns `folder`."""
+    for name, path in VIM_ZH.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no {path} on this machine (Debian installs it with vim and gnupg)")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
     return folder
 
 
@@ -86,7 +121,8 @@ def write_man_zh(folder: Path) -> Path:
     return folder
 
 
-CORPORA = {"pydoc": write_pydoc, "rust-zh": write_rust_zh, "man-zh": write_man_zh}
+CORPORA = {"pydoc": write_pydoc, "rust-zh": write_rust_zh, "man-zh": write_man_zh, "cargo": write_cargo,
+           "vim-zh": write_vim_zh}
 
 
 def main(argv: list[str] | None = None) -> int:
