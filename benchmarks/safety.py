@@ -4,9 +4,10 @@
 
 Messages: the project's everyday requests and its labelled safety requests (chatbot/eval/everyday.jsonl,
 safety.jsonl), each judged once by the patterns alone (the baseline, in the same process) and once by the whole
-check (patterns, then multilingual-e5-small tuned into the harm classifier), idle and again while another thread
-keeps a core busy (as a generating answer does). Passages: the bundled corpus's chunks, screened for planted
-instructions by the patterns alone and by patterns and the tuned injection filter (every sentence, in one batch per
+check (patterns, then multilingual-e5-small tuned into the harm classifier, served by onnxruntime on one thread
+of its own), idle and again while another thread keeps a core busy (as a generating answer does); and with the
+same encoder in torch (the process's two threads), as it was served before. Passages: the bundled corpus's
+chunks, screened for planted instructions by the patterns alone and by patterns and the tuned injection filter (every sentence, in one batch per
 passage), then again (the verdicts are kept per sentence).
 Printed: p50 and p90 milliseconds, and the learned layer's cost over the patterns'.
 """
@@ -29,7 +30,8 @@ if str(ROOT) not in sys.path:  # run as a script
 from benchmarks.serving import percentile  # noqa: E402
 from chatbot.evaluate import EVERYDAY, read_jsonl  # noqa: E402
 from chatbot.grounding import defuse  # noqa: E402
-from chatbot.safety import DATA, SafetyGuard, load_learned  # noqa: E402
+from chatbot.safety import DATA, HARM_DELTA, Learned, SafetyGuard, load_learned  # noqa: E402
+from knowledge.e5_torch import E5Encoder  # noqa: E402
 from knowledge.chunking import chunk_document  # noqa: E402
 from knowledge.loaders import find_files, load_file  # noqa: E402
 from knowledge.store import BUNDLED_CORPUS  # noqa: E402
@@ -78,15 +80,22 @@ def main() -> int:
     chunks = [c.text for path, source in find_files([BUNDLED_CORPUS]) for c in chunk_document(load_file(path, source))]
     import torch
 
-    print(f"\nThe safety check's cost on this machine (multilingual-e5-small in torch, {learned.harm_embedder.backend}"
-          f", {torch.get_num_threads()} threads), milliseconds:\n")
+    # The same tuned encoder served by torch, as it was before onnxruntime served it: the process's torch threads.
+    by_torch = E5Encoder.load(delta=HARM_DELTA)
+    in_torch = SafetyGuard(learned=Learned(learned.embedder, learned.harm, learned.injection, by_torch))
+    in_torch.judge("warm-up")
+    print(f"\nThe safety check's cost on this machine (multilingual-e5-small, {learned.harm_embedder.backend}; "
+          f"torch: {torch.get_num_threads()} threads), milliseconds:\n")
     print("| what | items | p50 ms | p90 ms | over the patterns, p50 |\n|---|---|---|---|---|")
     base = timings(patterns.judge, messages)
     print(row("message: patterns alone (baseline)", base, base))
-    print(row("message: patterns + harm head", timings(whole.judge, messages), base))
+    print(row("message: patterns + harm head (served: onnxruntime, 1 thread)", timings(whole.judge, messages), base))
+    print(row("message: the same, the encoder in torch", timings(in_torch.judge, messages), base))
     with Busy():
         busy_base = timings(patterns.judge, messages)
         print(row("message: patterns + harm head, other core busy", timings(whole.judge, messages), busy_base))
+        print(row("message: the same, the encoder in torch, other core busy", timings(in_torch.judge, messages),
+                  busy_base))
     passages = timings(defuse, chunks)
     print(row("passage: injection patterns alone (baseline)", passages, passages))
     print(row("passage: patterns + injection head", timings(lambda text: defuse(text, learned.instructions), chunks),

