@@ -310,8 +310,8 @@ class Assistant:
             overlap = term_overlap(text, sentences, retriever.lexical.idf)
             if not retriever.uses_dense(language):
                 return overlap
-            vectors = retriever.embedder.encode([text, *sentences])
-            return [o + float(c) for o, c in zip(overlap, vectors[1:] @ vectors[0], strict=True)]
+            cosines = retriever.embedder.encode(sentences) @ retriever.embedder.queries([text])[0]
+            return [o + retriever.similarity(float(c)) for o, c in zip(overlap, cosines, strict=True)]
 
         def score(question: str, sentences: list[str]) -> list[float]:
             own = similarity(question, sentences)

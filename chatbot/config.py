@@ -97,8 +97,8 @@ class ChatConfig:
         "help": "when the documents do not cover a question: 'answer' with the model's own words, labelled as not "
                 "from the documents (the default), or 'decline' to answer only from documents"})
     dense_languages: str = field(default=DENSE_LANGUAGES, metadata={
-        "help": "comma-separated question languages the embedder handles ('*' = all; set it for a multilingual "
-                f"--embedding-model; default {DENSE_LANGUAGES}, for the bundled English MiniLM)"})
+        "help": "comma-separated question languages the embedder handles ('*' = all; default auto: the "
+                "embedder's own, en for the bundled MiniLM, all for multilingual-e5-small)"})
 
     def load_engine(self, model: str | None = None) -> Engine:
         return load_engine(model or self.model, self.backend, self.device, self.context_tokens, self.precision,

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(common, KnowledgeConfig)
     common.add_argument("--dense-languages", default=DENSE_LANGUAGES,
                         help="comma-separated query languages the embedder handles, for search and evaluate ('*' = "
-                             f"all; set it for a multilingual --embedding-model; default {DENSE_LANGUAGES})")
+                             "all; default auto: the embedder's own, en for the bundled MiniLM, all for "
+                             "multilingual-e5-small)")
     parser = argparse.ArgumentParser(prog="python -m knowledge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("build", "a new index from files and folders"), ("add", "add new and changed files")):
@@ -89,7 +90,7 @@ def cmd_search(args: argparse.Namespace, config: KnowledgeConfig, folder: Path) 
     from knowledge.retriever import Retriever
 
     kb = store(args, config, folder)
-    retriever = Retriever(kb, Embedder.for_index(kb.config), args.dense_languages)
+    retriever = Retriever(kb, Embedder.for_index(kb.config, kb.embedder_name), args.dense_languages)
     hits = retriever.search(args.query, k=args.k, mode=args.mode)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))

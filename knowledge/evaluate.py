@@ -37,12 +37,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def first_rank(retriever: Retriever, question: dict, mode: str, k: int = 10) -> int | None:
     hits = retriever.search(question["question"], k=k, mode=mode, language=question.get("language"))
-    # "source" may list several files where a corpus repeats a passage (pydoc's topics do).
+    return next((rank for rank, hit in enumerate(hits, 1) if matches(question, hit.chunk)), None)
+
+
+def matches(question: dict, chunk) -> bool:
+    """Whether `chunk` answers `question`: its expected source ("source" may list several files where a corpus
+    repeats a passage, as pydoc's topics do) and its key phrase."""
     sources = question["source"] if isinstance(question["source"], list) else [question["source"]]
-    for rank, hit in enumerate(hits, 1):
-        if hit.chunk.source in sources and question["key_phrase"] in hit.chunk.indexed_text:
-            return rank
-    return None
+    return chunk.source in sources and question["key_phrase"] in chunk.indexed_text
 
 
 def score(ranks: list[int | None]) -> Scores:

@@ -8,15 +8,18 @@ lexical). Tested in tests/test_retriever.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 RRF_K = 60  # the usual constant: ranks 1 and 2 differ little, so no single ranking dominates by itself
 
 
-def reciprocal_rank_fusion(rankings: Iterable[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
-    """Row → fused score, best first; each ranking lists rows best first."""
-    fused: dict[int, float] = {}
-    for ranking in rankings:
+def reciprocal_rank_fusion(rankings: Iterable[Sequence[Hashable]], k: float = RRF_K,
+                           weights: Sequence[float] | None = None) -> dict[Hashable, float]:
+    """Row → fused score, best first; each ranking lists rows best first, and counts `weights[i]` times (1 each
+    by default: benchmarks/corpora.py measures other weights and constants)."""
+    fused: dict[Hashable, float] = {}
+    for i, ranking in enumerate(rankings):
+        weight = 1.0 if weights is None else weights[i]
         for rank, row in enumerate(ranking, 1):
-            fused[row] = fused.get(row, 0.0) + 1.0 / (k + rank)
+            fused[row] = fused.get(row, 0.0) + weight / (k + rank)
     return dict(sorted(fused.items(), key=lambda item: -item[1]))

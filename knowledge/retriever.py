@@ -10,8 +10,9 @@ below BM25 alone (see `python -m knowledge evaluate`). It is a setting of the se
 index serves `Retriever(kb, embedder, "en")` and `retriever.with_dense_languages("*")`.
 
 `relevance` (0..1) says whether a hit answers the query at all, for the "not covered" decision: the larger of
-the dense cosine (when the embedder knows the language) and the IDF-weighted share of query terms the chunk
-contains. Unlike BM25 or RRF scores, both are comparable across queries.
+the dense cosine (when the embedder knows the language; rescaled from the embedder's `similarity_floor`, where
+unrelated texts sit, to 1) and the IDF-weighted share of query terms the chunk contains. Unlike BM25 or RRF
+scores, both are comparable across queries.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ class Hit:
 class Retriever:
     def __init__(self, kb: Store, embedder: Embedder, dense_languages: str = DENSE_LANGUAGES):
         """`kb`: the embedded `KnowledgeBase` or a `knowledge.milvus.MilvusStore`; `dense_languages`:
-        comma-separated query languages the embedder handles ("*" = all)."""
+        comma-separated query languages the embedder handles ("*" = all, "auto" = the embedder's own)."""
         self.kb, self.embedder = kb, embedder
-        self.dense_languages = _language_set(dense_languages)
+        self.dense_languages = _language_set(dense_languages, embedder)
         # A search uses one committed state of the store from start to end whatever writes do meanwhile; the lock
         # only keeps the checks for other processes' changes (`sync`) one at a time.
         self.lock = threading.RLock()
@@ -67,16 +68,22 @@ class Retriever:
         if embedding_model and embedding_model != kb.embedder_name:
             raise IndexError_(f"the index in {kb.location} was built with '{kb.embedder_name}', not "
                               f"'{embedding_model}'")
-        return cls(kb, Embedder.for_index(kb.config), dense_languages)
+        return cls(kb, Embedder.for_index(kb.config, kb.embedder_name), dense_languages)
 
     def uses_dense(self, language: str) -> bool:
         """Whether the embedder's similarity counts for queries in `language`."""
         return "*" in self.dense_languages or language in self.dense_languages
 
+    def similarity(self, cosine: float) -> float:
+        """The embedder's cosine on a 0..1 scale comparable across embedders: [its `similarity_floor`, where
+        unrelated texts sit, 1] → [0, 1]."""
+        floor = getattr(self.embedder, "similarity_floor", 0.0)
+        return max(0.0, (cosine - floor) / (1 - floor))
+
     def with_dense_languages(self, dense_languages: str) -> Retriever:
         """The same indexes and embedder, searched with other `dense_languages` (nothing is rebuilt)."""
         other = copy.copy(self)
-        other.dense_languages = _language_set(dense_languages)
+        other.dense_languages = _language_set(dense_languages, self.embedder)
         return other
 
     @property
@@ -106,15 +113,18 @@ class Retriever:
             return []
         language = language or detect_language(query)
         use_dense = mode == "dense" or (mode == "fused" and self.uses_dense(language))
-        vector = self.embedder.encode([query]) if use_dense else None
+        vector = self.embedder.queries([query]) if use_dense else None
         terms, vocabulary = tokenize(query), self.kb.lexical
         hits = []
         for found in self.kb.search(query, vector, k, mode):
             share = coverage(vocabulary, terms, tokenize(found.chunk.indexed_text))
-            cosine = found.dense if self.uses_dense(language) else None
-            hits.append(Hit(found.chunk, found.score, max(share, cosine or 0.0), found.dense, found.lexical))
+            cosine = self.similarity(found.dense) if self.uses_dense(language) and found.dense is not None else 0.0
+            hits.append(Hit(found.chunk, found.score, max(share, cosine), found.dense, found.lexical))
         return hits
 
 
-def _language_set(codes: str) -> frozenset[str]:
+def _language_set(codes: str, embedder) -> frozenset[str]:
+    """The languages in `codes`; "auto": the embedder's (`languages`: en for MiniLM, * for multilingual-e5-small)."""
+    if codes.strip() == "auto":
+        codes = getattr(embedder, "languages", "en")
     return frozenset(code.strip() for code in codes.split(",") if code.strip())

@@ -71,6 +71,40 @@ def test_dense_results_vote_only_for_the_configured_languages(retriever):
     assert retriever.uses_dense("en") and not retriever.uses_dense("zh"), "the original is unchanged"
 
 
+def test_auto_dense_languages_are_the_embedders_own_and_its_cosines_are_rescaled(tmp_path, tiny_embedder):
+    class Multilingual(type(tiny_embedder)):
+        languages, similarity_floor = "*", 0.8
+
+    kb = KnowledgeBase.open(tmp_path / "index")
+    english = Retriever(kb, tiny_embedder)  # dense_languages "auto": an embedder that says nothing is English
+    assert english.uses_dense("en") and not english.uses_dense("zh")
+    assert english.similarity(0.5) == pytest.approx(0.5), "no floor: the cosine itself"
+    everyone = Retriever(kb, Multilingual())
+    assert everyone.uses_dense("zh") and everyone.uses_dense("fr")
+    assert everyone.similarity(0.9) == pytest.approx(0.5) and everyone.similarity(0.7) == 0.0
+    assert not Retriever(kb, Multilingual(), "en").uses_dense("zh"), "a setting still wins"
+
+
+@pytest.mark.slow
+def test_multilingual_e5_finds_chinese_paraphrases_and_its_index_reopens_with_it(tmp_path):
+    from knowledge.embedder import Embedder, MultilingualEmbedder
+
+    e5 = Embedder("multilingual-e5-small")
+    assert isinstance(e5, MultilingualEmbedder) and e5.name == "multilingual-e5-small" and e5.languages == "*"
+    passage, query = e5.encode(["困惑度是语言模型的评估指标。"]), e5.queries(["困惑度是语言模型的评估指标。"])
+    assert float(passage[0] @ query[0]) < 0.999, "queries and passages get e5's own prefixes"
+    folder = tmp_path / "index"
+    KnowledgeBase.open(folder).add([write_docs(tmp_path / "docs")], e5, progress=False)  # settings left default
+    retriever = Retriever.open(folder)
+    assert isinstance(retriever.embedder, MultilingualEmbedder), "the index says which embedder filled it"
+    for question, source in (("模型对下一个词有多意外，用什么指标衡量？", "zh/困惑度.md"),
+                             ("验证集上的损失不再下降时该怎么办？", "zh/早停.md")):
+        hits = retriever.search(question, k=3, mode="dense")
+        assert hits[0].chunk.source == source, (question, [h.chunk.source for h in hits])
+        assert retriever.search(question, k=1)[0].relevance >= ChatConfig().min_relevance, question
+    assert retriever.search("明天北京的天气怎么样？", k=1)[0].relevance < ChatConfig().min_relevance
+
+
 def test_relevance_separates_answerable_from_unrelated_questions(retriever):
     threshold = ChatConfig().min_relevance  # the threshold the assistant uses
     # "训练什么时候应该停下来？" shares only 训练 with its passage ("停止训练"): Chinese paraphrases without shared

@@ -1,0 +1,169 @@
+"""Retrieval on every evaluation corpus, per language, with each embedder: one command, one table.
+
+    python benchmarks/corpora.py                                   # about ten minutes on 2 CPU cores
+    python benchmarks/corpora.py --corpora bundled,vim-zh --embedders multilingual-e5-small
+
+Corpora: the bundled documents (the project's own, with its 118 questions: the set fusion weights and relevance
+scales are chosen on) and those the project did not write (`knowledge.eval.external`: pydoc, rust-zh, man-zh,
+cargo, vim-zh, where installed here; their questions were written for the project and are only measured). Each
+corpus is built into a new index with each embedder (all-MiniLM-L6-v2, the bundled default, and
+multilingual-e5-small), the build timed (chunks per second, reading and BM25 included). Every question is then
+searched once per mode:
+
+- dense alone, BM25 alone (words, and characters for Chinese), and the fused search the store serves;
+- then asked as a user asks the app (`chatbot.assistant.Assistant.turn`, default settings, the safety check and
+  its injection filter included) with a model that writes in no language, as the built-in SmolLM2 does not
+  from passages: the answer is the sentences it quotes from the passages. Counted: the answers that carry the
+  question's key phrase ("key fact"), and the questions routed away as not covered by the documents (every
+  question of these sets is answered by them: a false decline).
+
+A question is found at rank r when the r-th hit comes from its expected source and contains its key phrase
+(`knowledge.evaluate`). Printed: hit@1, hit@3 and MRR@10 per corpus, language, embedder and mode, and the false
+declines; `--json FILE` also writes every question's ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.filling import corpora  # noqa: E402
+from chatbot.assistant import Assistant  # noqa: E402
+from chatbot.config import ChatConfig  # noqa: E402
+from chatbot.models import ModelProfile  # noqa: E402
+from knowledge.embedded import KnowledgeBase  # noqa: E402
+from knowledge.embedder import Embedder  # noqa: E402
+from knowledge.eval import external  # noqa: E402
+from knowledge.evaluate import QUESTIONS, first_rank, matches, read_jsonl, score  # noqa: E402
+from knowledge.retriever import Retriever  # noqa: E402
+
+QUESTION_SETS = {"bundled": QUESTIONS, "pydoc": external.PYDOC_QUESTIONS, "rust-zh": external.RUST_ZH_QUESTIONS,
+                 "man-zh": external.MAN_ZH_QUESTIONS, "cargo": external.CARGO_QUESTIONS,
+                 "vim-zh": external.VIM_ZH_QUESTIONS}
+EMBEDDERS = ("all-MiniLM-L6-v2", "multilingual-e5-small")
+MODES = ("dense", "lexical", "fused")
+POOL = 50  # candidates of each retriever, as the store fuses them
+
+
+class Quoting:
+    """A stand-in model that writes in no language: the assistant answers from documents by quoting them."""
+
+    name = backend = "quotes only"
+    profile = ModelProfile(chat=(), grounded=())
+    context_tokens = 4096
+
+    def count_tokens(self, messages) -> int:
+        return sum(len(str(m["content"])) for m in messages) // 4
+
+    def stream(self, *args, **kwargs):
+        raise RuntimeError("a model that writes nothing was asked to write")
+
+
+def measure(corpus: Path, questions: list[dict], embedder: Embedder, config: ChatConfig) -> dict:
+    """Build `corpus` with `embedder`, search each question in each mode, and ask it: ranks, answers, fill rate."""
+    with tempfile.TemporaryDirectory() as folder:
+        kb = KnowledgeBase.open(Path(folder) / "index")
+        started = time.perf_counter()
+        kb.add([corpus], embedder, progress=False)
+        seconds = time.perf_counter() - started
+        retriever = Retriever(kb, embedder)
+        assistant = Assistant(Quoting(), config, retriever)
+        rows = []
+        for q in questions:
+            ranks = {mode: first_rank(retriever, q, mode) for mode in MODES}
+            turn = assistant.turn([], q["question"])
+            answer = "".join(turn.stream())
+            candidates = {mode: [found.chunk for found in kb.search(q["question"], vector, POOL, mode)]
+                          for mode, vector in (("dense", embedder.queries([q["question"]])), ("lexical", None))}
+            rows.append({"question": q["question"], "language": q["language"], "ranks": ranks,
+                         "mode": turn.mode, "declined": turn.mode in ("chat", "not_covered"),
+                         "key fact": q["key_phrase"] in answer,
+                         "candidates": {mode: [[chunk.id, matches(q, chunk)] for chunk in chunks]
+                                        for mode, chunks in candidates.items()}})
+        return {"chunks": len(kb), "seconds": seconds, "questions": rows}
+
+
+def sweep(results: dict, name: str) -> list[str]:
+    """Fused searches with other RRF constants and dense weights, from the candidates kept (hit@3 / MRR per
+    corpus and language, and the own set's mean MRR, on which a choice would be made)."""
+    from knowledge.fusion import reciprocal_rank_fusion
+
+    groups = [(corpus, language, [row for row in found["questions"] if row["language"] == language])
+              for (corpus, embedder), found in results.items() if embedder == name
+              for language in sorted({row["language"] for row in found["questions"]})]
+    lines = [f"| RRF k | dense weight | own set, mean MRR | {' | '.join(f'{c} {lang}' for c, lang, _ in groups)} |",
+             "|---|---|---|" + "---|" * len(groups)]
+    for k in (1, 5, 20, 60):
+        for weight in (0.5, 1.0, 1.5, 2.0):
+            cells, own = [], []
+            for corpus, _, rows in groups:
+                ranks = []
+                for row in rows:
+                    lists = row["candidates"]
+                    good = {chunk for mode in lists for chunk, ok in lists[mode] if ok}
+                    fused = reciprocal_rank_fusion([[c for c, _ in lists["dense"]], [c for c, _ in lists["lexical"]]],
+                                                   k, (weight, 1.0))
+                    ranks.append(next((r for r, c in enumerate(list(fused)[:10], 1) if c in good), None))
+                s = score(ranks)
+                cells.append(f"{s.hit3:.3f} / {s.mrr:.3f}")
+                own += [s.mrr] if corpus == "bundled" else []
+            lines.append(f"| {k} | {weight} | {sum(own) / max(len(own), 1):.3f} | {' | '.join(cells)} |")
+    return lines
+
+
+def table(results: dict) -> list[str]:
+    lines = ["| corpus | language | questions | embedder | chunks/s | dense hit@1 / hit@3 / MRR | BM25 | fused | "
+             "key fact in the answer | false \"not covered\" |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (corpus, name), found in results.items():
+        for language in sorted({row["language"] for row in found["questions"]}):
+            rows = [row for row in found["questions"] if row["language"] == language]
+            cells = []
+            for mode in MODES:
+                s = score([row["ranks"][mode] for row in rows])
+                cells.append(f"{s.hit1:.3f} / {s.hit3:.3f} / {s.mrr:.3f}")
+            declined, facts = sum(row["declined"] for row in rows), sum(row["key fact"] for row in rows)
+            lines.append(f"| {corpus} | {language} | {len(rows)} | {name} | {found['chunks'] / found['seconds']:.0f} "
+                         f"| {' | '.join(cells)} | {facts}/{len(rows)} | {declined}/{len(rows)} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpora", default=",".join(QUESTION_SETS))
+    parser.add_argument("--embedders", default=",".join(EMBEDDERS))
+    parser.add_argument("--json", type=Path, help="also write every question's ranks and relevance here")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also print fusion with other RRF constants and dense weights, for multilingual-e5-small")
+    args = parser.parse_args(argv)
+    config = ChatConfig()
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        found = corpora(args.corpora.split(","), Path(scratch))
+        for name in args.embedders.split(","):
+            embedder = Embedder(None if name == EMBEDDERS[0] else name)
+            for corpus, folder in found.items():
+                print(f"{corpus} with {name} ...", file=sys.stderr, flush=True)
+                results[corpus, name] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config)
+    print("\n".join(table(results)))
+    print(f"\n(dense languages: each embedder's own, MiniLM en, e5 all; --min-relevance {config.min_relevance}, "
+          f"{config.passages} passages, answers quoted from them)")
+    if args.sweep and EMBEDDERS[1] in args.embedders.split(","):
+        print(f"\nFusion of {EMBEDDERS[1]}'s dense ranking with BM25, other settings (hit@3 / MRR; served: k 60, "
+              "weight 1):\n")
+        print("\n".join(sweep(results, EMBEDDERS[1])))
+    if args.json:
+        args.json.write_text(json.dumps({f"{c}|{e}": r for (c, e), r in results.items()}, ensure_ascii=False,
+                                        indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
