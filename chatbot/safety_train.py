@@ -278,6 +278,10 @@ def train_injection(external: bool) -> dict:
                 or catalog and removed[catalog].mean() > MAX_CATALOG_REMOVED):
             break
     print(f"validation: threshold {threshold:.2f}, planted removed {removed[planted].mean():.3f}", file=sys.stderr)
+    for shown in (0.5, 0.8, 0.9, 0.95, 0.98, 0.99):  # how the choice trades: the validation split only
+        at = injection_layers(head, vectors, texts, shown, patterns)["both"]
+        print(f"  at {shown:.2f}: planted {at[planted].mean():.3f}, ordinary {at[ordinary].mean():.3f}, "
+              f"corpus {at[corpus].sum()}, interface messages {at[catalog].sum()}", file=sys.stderr)
     head = Head(head.classes, head.weights, head.bias, float(threshold), encoder.name)
     layers = injection_layers(head, vectors, texts, patterns=patterns)
     figures = {name: injection_figures(layers, rows, split[name]) for name in ("validation", "test")}
