@@ -7,8 +7,8 @@ safety.jsonl), each judged once by the patterns alone (the baseline, in the same
 check (patterns, then multilingual-e5-small tuned into the harm classifier, served by onnxruntime on one thread
 of its own), idle and again while another thread keeps a core busy (as a generating answer does); and with the
 same encoder in torch (the process's two threads), as it was served before. Passages: the bundled corpus's
-chunks, screened for planted instructions by the patterns alone and by patterns and the tuned injection filter (every sentence, in one batch per
-passage), then again (the verdicts are kept per sentence).
+chunks, screened for planted instructions by the patterns alone and by patterns and the tuned injection filter
+(every sentence, in one batch per passage), then again (the verdicts are kept per sentence).
 Printed: p50 and p90 milliseconds, and the learned layer's cost over the patterns'.
 """
 
@@ -31,8 +31,8 @@ from benchmarks.serving import percentile  # noqa: E402
 from chatbot.evaluate import EVERYDAY, read_jsonl  # noqa: E402
 from chatbot.grounding import defuse  # noqa: E402
 from chatbot.safety import DATA, HARM_DELTA, Learned, SafetyGuard, load_learned  # noqa: E402
-from knowledge.e5_torch import E5Encoder  # noqa: E402
 from knowledge.chunking import chunk_document  # noqa: E402
+from knowledge.e5_torch import E5Encoder  # noqa: E402
 from knowledge.loaders import find_files, load_file  # noqa: E402
 from knowledge.store import BUNDLED_CORPUS  # noqa: E402
 

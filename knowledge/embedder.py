@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -179,10 +179,7 @@ class MultilingualEmbedder(Embedder):
             if not (target / "model.xml").is_file():
                 print(f"Converting {self.name} for openvino into {target} (once)...", file=sys.stderr, flush=True)
                 with built_beside(target, "model.xml") as folder:
-                    (folder / "float.onnx").write_bytes(self.encoder.exported())
-                    openvino.save_model(openvino.Core().read_model(str(folder / "float.onnx")),
-                                        str(folder / "model.xml"), compress_to_fp16=False)
-                    (folder / "float.onnx").unlink()
+                    _openvino_model(folder, lambda path: path.write_bytes(self.encoder.exported()))
             self.compiled = openvino.Core().compile_model(str(target / "model.xml"), "CPU", {
                 "INFERENCE_PRECISION_HINT": "bf16" if _native_bf16() else "f32", "PERFORMANCE_HINT": "THROUGHPUT"})
             self.jobs = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
@@ -199,29 +196,18 @@ class MultilingualEmbedder(Embedder):
 
         vectors = np.zeros((len(texts), self.dimension), np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # little padding in a batch
-        batches = [order[at:at + self.BATCH] for at in range(0, len(texts), self.BATCH)]
-        bar = tqdm(total=len(texts), desc="Embedding", unit="chunk", disable=not progress)
-        if self.compiled is None or len(batches) == 1:  # torch, or a query: one request, no queue to set up
-            for rows in batches:
-                inputs = self.encoder.inputs([texts[i] for i in rows], prefix)
-                hidden = (self.compiled.create_infer_request().infer(inputs)[0] if self.compiled is not None
-                          else self._torch(inputs))
+        batches = ((rows, self.encoder.inputs([texts[i] for i in rows], prefix))
+                   for rows in (order[at:at + self.BATCH] for at in range(0, len(texts), self.BATCH)))
+        with tqdm(total=len(texts), desc="Embedding", unit="chunk", disable=not progress) as bar:
+            def done(rows: list[int], hidden: np.ndarray, inputs: dict[str, np.ndarray]) -> None:
                 vectors[rows] = mean_pooled(hidden, inputs["mask"])
                 bar.update(len(rows))
-        else:
-            queue = _openvino().AsyncInferQueue(self.compiled, self.jobs)
 
-            def done(request, job: tuple[list[int], np.ndarray]) -> None:
-                rows, mask = job
-                vectors[rows] = mean_pooled(request.get_output_tensor(0).data, mask)
-                bar.update(len(rows))
-
-            queue.set_callback(done)
-            for rows in batches:
-                inputs = self.encoder.inputs([texts[i] for i in rows], prefix)
-                queue.start_async(inputs, (rows, inputs["mask"]))  # waits while every job is busy
-            queue.wait_all()
-        bar.close()
+            if self.compiled is None:
+                for rows, inputs in batches:
+                    done(rows, self._torch(inputs), inputs)
+            else:
+                _infer_all(self.compiled, self.jobs, batches, len(texts) <= self.BATCH, done)
         return vectors
 
     def _torch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -442,21 +428,35 @@ class OpenVinoRunner(_Runner):
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         vectors = np.zeros((len(texts), self.dimension), np.float32)
-        if len(texts) <= self.BATCH:  # a query: one request, no queue to set up
-            for rows, inputs in self.batches(texts, progress):
-                vectors[rows] = self.pooled(self.compiled.create_infer_request().infer(inputs)[0], inputs)
-            return vectors
-        queue = _openvino().AsyncInferQueue(self.compiled, self.jobs)
-
-        def done(request, job: tuple[list[int], dict[str, np.ndarray]]) -> None:
-            rows, inputs = job
-            vectors[rows] = self.pooled(request.get_output_tensor(0).data, inputs)
-
-        queue.set_callback(done)
-        for rows, inputs in self.batches(texts, progress):
-            queue.start_async(inputs, (rows, inputs))  # waits while every job is busy
-        queue.wait_all()
+        _infer_all(self.compiled, self.jobs, self.batches(texts, progress), len(texts) <= self.BATCH,
+                   lambda rows, hidden, inputs: vectors.__setitem__(rows, self.pooled(hidden, inputs)))
         return vectors
+
+
+def _infer_all(compiled, jobs: int, batches: Iterable[tuple[list[int], dict[str, np.ndarray]]], alone: bool,
+               done: Callable[[list[int], np.ndarray, dict[str, np.ndarray]], None]) -> None:
+    """Run an OpenVINO model on each (rows, inputs) of `batches`, `jobs` of them at a time (`alone`: a query,
+    one request with no queue to set up), and give `done(rows, output, inputs)` each output as it comes."""
+    if alone:
+        for rows, inputs in batches:
+            done(rows, compiled.create_infer_request().infer(inputs)[0], inputs)
+        return
+    queue = _openvino().AsyncInferQueue(compiled, jobs)
+    queue.set_callback(lambda request, job: done(job[0], request.get_output_tensor(0).data, job[1]))
+    for rows, inputs in batches:
+        queue.start_async(inputs, (rows, inputs))  # waits while every job is busy
+    queue.wait_all()
+
+
+def _openvino_model(folder: Path, write_onnx: Callable[[Path], None]) -> None:
+    """Save the float32 ONNX model that `write_onnx(path)` writes as OpenVINO's own (folder/model.xml), weights
+    float32. (Not with `openvino.convert_model`, which reports usage to Intel unless a consent file in the home
+    folder says no.)"""
+    openvino = _openvino()
+    write_onnx(folder / "float.onnx")
+    openvino.save_model(openvino.Core().read_model(str(folder / "float.onnx")), str(folder / "model.xml"),
+                        compress_to_fp16=False)
+    (folder / "float.onnx").unlink()
 
 
 def _exported(model, name: str, variant: str, marker: str, build: Callable[[object, object, list[str], Path], None]
@@ -518,10 +518,5 @@ def _export(model, tokenizer, inputs: list[str], folder: Path) -> None:
 
 
 def _convert_openvino(model, tokenizer, inputs: list[str], folder: Path) -> None:
-    """`model` as ONNX, read by OpenVINO's runtime and saved as its own model, weights float32. (Not with
-    `openvino.convert_model`, which reports usage to Intel unless a consent file in the home folder says no.)"""
-    openvino = _openvino()
-    _export_onnx(model, tokenizer, inputs, folder / "float.onnx")
-    openvino.save_model(openvino.Core().read_model(str(folder / "float.onnx")), str(folder / "model.xml"),
-                        compress_to_fp16=False)
-    (folder / "float.onnx").unlink()
+    """`model` as ONNX, read by OpenVINO's runtime and saved as its own model (`_openvino_model`)."""
+    _openvino_model(folder, lambda path: _export_onnx(model, tokenizer, inputs, path))
