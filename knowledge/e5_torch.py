@@ -288,8 +288,8 @@ class E5Encoder:
         """Run `queries` with onnxruntime from now on, on `threads` threads of its own session that wait without
         spinning, the layers exported as they are now (in memory). The vectors are torch's (to 1e-6); the point is
         the threads: torch's pool is the whole process's, and with two threads and the other core busy (a
-        generating answer) a message took 45 ms p50 and 830 ms p90 here, with this 16 ms and 30 ms
-        (benchmarks/safety.py). Without onnxruntime, torch goes on serving."""
+        generating answer) a message took 37 ms p50 and 93 ms p90 here (830 ms in one run), with this 17 ms and
+        32 ms (benchmarks/safety.py). Without onnxruntime, torch goes on serving."""
         try:
             import onnxruntime
         except ImportError:
