@@ -168,7 +168,7 @@ class E5Encoder:
 
     def __init__(self, model, tokenize: Callable[[str], list[int]], words: Callable, pad: int, backend: str):
         self.model, self.tokenize, self.words, self.pad, self.backend = model, tokenize, words, pad, backend
-        self.lock = threading.Lock()  # requests' threads share the tokenizer (and torch's model)
+        self.lock = threading.Lock()  # requests' threads share the tokenizer
         self.session = None  # onnxruntime's copy of the layers, once `serve` has made it
 
     @classmethod
@@ -235,19 +235,24 @@ class E5Encoder:
 
     def queries(self, texts: list[str]) -> np.ndarray:
         """e5 query vectors, as numpy, without gradients (serving): by onnxruntime once `serve` has run, else torch."""
-        import torch
-
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-        batches = [[text[:2000] for text in texts[at:at + 64]] for at in range(0, len(texts), 64)]
-        if self.session is None:
-            with self.lock, torch.inference_mode():
-                return np.concatenate([self.pooled(batch).numpy() for batch in batches])
         vectors = []
-        for batch in batches:
-            inputs = self.inputs(batch, "query: ")
-            vectors.append(mean_pooled(self.session.run(None, inputs)[0], inputs["mask"]))  # requests side by side
+        for at in range(0, len(texts), 64):
+            inputs = self.inputs([text[:2000] for text in texts[at:at + 64]], "query: ")
+            vectors.append(mean_pooled(self.hidden(inputs), inputs["mask"]))
         return np.concatenate(vectors)
+
+    def hidden(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The last hidden states for `inputs` (see `inputs`): onnxruntime's once `serve` has run, else torch's.
+        Outside the lock: requests run side by side."""
+        import torch
+
+        if self.session is not None:
+            return self.session.run(None, inputs)[0]
+        with torch.inference_mode():
+            return self.model(inputs_embeds=torch.from_numpy(inputs["embeds"]),
+                              attention_mask=torch.from_numpy(inputs["mask"])).last_hidden_state.numpy()
 
     def exported(self) -> bytes:
         """The layers as they are now, as ONNX (float32): word vectors and attention mask in, last hidden states

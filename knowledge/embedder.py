@@ -205,17 +205,10 @@ class MultilingualEmbedder(Embedder):
 
             if self.compiled is None:
                 for rows, inputs in batches:
-                    done(rows, self._torch(inputs), inputs)
+                    done(rows, self.encoder.hidden(inputs), inputs)
             else:
                 _infer_all(self.compiled, self.jobs, batches, len(texts) <= self.BATCH, done)
         return vectors
-
-    def _torch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.encoder.model(inputs_embeds=torch.from_numpy(inputs["embeds"]),
-                                      attention_mask=torch.from_numpy(inputs["mask"])).last_hidden_state.numpy()
 
 
 class Background:
