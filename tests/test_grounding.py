@@ -66,6 +66,23 @@ def test_extractive_answer_quotes_the_best_sentence_with_its_citation():
     assert zh == "根据文档：\n- 「随机置零就是丢弃法。」 [1]"
 
 
+def test_the_sentence_after_the_best_one_is_quoted_with_it_and_the_runner_up_only_when_close():
+    stopping = Passage(1, "stopping.md", "Early stopping ends training when the validation loss stops improving. "
+                                         "Training first waits for several evaluations, a number called the patience. "
+                                         "Checkpoints are written to disk along the way.")
+    regularisation = Passage(2, "reg.md", "Weight decay is one regulariser. Early stopping is another regulariser.")
+    answer = extractive_answer("What does early stopping do?", [stopping, regularisation], "en")
+    assert answer.splitlines()[1:] == [
+        '- "Early stopping ends training when the validation loss stops improving." [1]',
+        '- "Training first waits for several evaluations, a number called the patience." [1]',
+        '- "Early stopping is another regulariser." [2]']
+    # The best sentence closes its passage: nothing follows it, and the runner-up must rate close to it.
+    closing = Passage(1, "stopping.md", "Checkpoints are written to disk. Early stopping ends training early.")
+    answer = extractive_answer("What does early stopping do?", [closing, Passage(2, "x.md", "Disks are cheap.")], "en")
+    assert answer.splitlines()[1:] == ['- "Early stopping ends training early." [1]']
+    assert extractive_answer("What does early stopping do?", [stopping], "en", sentences=1).count("\n- ") == 1
+
+
 def test_a_follow_up_does_not_repeat_the_previous_quote_unless_it_is_still_best():
     first = extractive_answer("What does LoRA train?", PASSAGES, "en", sentences=1)
     assert "LoRA trains two small low-rank matrices." in first
