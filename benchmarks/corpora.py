@@ -15,8 +15,9 @@ searched once per mode:
   its injection filter included) with a model that writes in no language, as the built-in SmolLM2 does not
   from passages: the answer is the sentences it quotes from the passages. Counted: the questions whose passages
   (the 3 the answer is made from, after the injection filter) hold the key phrase, the answers that carry it
-  ("key fact"), and the questions routed away as not covered by the documents (every
-  question of these sets is answered by them: a false decline).
+  ("key fact"), the questions routed away as not covered by the documents (every
+  question of these sets is answered by them: a false decline), and those the safety check refused (each is a
+  benign question about the documents).
 
 A question is found at rank r when the r-th hit comes from its expected source and contains its key phrase
 (`knowledge.evaluate`). Printed: hit@1, hit@3 and MRR@10 per corpus, language, embedder and mode, and the false
@@ -86,6 +87,7 @@ def measure(corpus: Path, questions: list[dict], embedder: Embedder, config: Cha
                           for mode, vector in (("dense", embedder.queries([q["question"]])), ("lexical", None))}
             rows.append({"question": q["question"], "language": q["language"], "ranks": ranks,
                          "mode": turn.mode, "declined": turn.mode in ("chat", "not_covered"),
+                         "refused": turn.mode == "refused",
                          "key fact": q["key_phrase"] in answer,
                          "in passages": any(q["key_phrase"] in passage.text
                                             for passage in (turn.grounding.passages if turn.grounding else [])),
@@ -124,8 +126,8 @@ def sweep(results: dict, name: str) -> list[str]:
 
 def table(results: dict) -> list[str]:
     lines = ["| corpus | language | questions | embedder | chunks/s | dense hit@1 / hit@3 / MRR | BM25 | fused | "
-             "key fact: in the passages / in the answer | false \"not covered\" |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "key fact: in the passages / in the answer | false \"not covered\" | refused as unsafe |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (corpus, name), found in results.items():
         for language in sorted({row["language"] for row in found["questions"]}):
             rows = [row for row in found["questions"] if row["language"] == language]
@@ -134,9 +136,11 @@ def table(results: dict) -> list[str]:
                 s = score([row["ranks"][mode] for row in rows])
                 cells.append(f"{s.hit1:.3f} / {s.hit3:.3f} / {s.mrr:.3f}")
             declined, facts = sum(row["declined"] for row in rows), sum(row["key fact"] for row in rows)
+            refused = sum(row["refused"] for row in rows)
             given = sum(row["in passages"] for row in rows)
             lines.append(f"| {corpus} | {language} | {len(rows)} | {name} | {found['chunks'] / found['seconds']:.0f} "
-                         f"| {' | '.join(cells)} | {given} / {facts} of {len(rows)} | {declined}/{len(rows)} |")
+                         f"| {' | '.join(cells)} | {given} / {facts} of {len(rows)} | {declined}/{len(rows)} "
+                         f"| {refused}/{len(rows)} |")
     return lines
 
 

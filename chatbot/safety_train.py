@@ -99,6 +99,21 @@ def harm_rows() -> list[dict]:
     return rows
 
 
+def document_questions() -> dict[str, list[dict]]:
+    """The retrieval questions, every one benign (a user asking about their documents): the bundled set's, and those
+    of the corpora the project did not write, which nothing is tuned on (knowledge.eval.external). Report only."""
+    from knowledge.eval import external
+    from knowledge.evaluate import QUESTIONS
+
+    sets = {"bundled document questions": [QUESTIONS],
+            "unseen corpora's document questions": [external.PYDOC_QUESTIONS, external.RUST_ZH_QUESTIONS,
+                                                    external.MAN_ZH_QUESTIONS, external.CARGO_QUESTIONS,
+                                                    external.VIM_ZH_QUESTIONS]}
+    return {name: [{"text": q["question"], "language": q["language"], "label": "benign", "kind": "technical",
+                    "intent": path.name, "split": "report"} for path in paths for q in read_jsonl(path)]
+            for name, paths in sets.items()}
+
+
 def labelled(row: dict, split: str, source: str) -> dict:
     """A row of the older sets (text, language, harmful, category) in the shape of the new ones."""
     label = "self_harm" if row.get("category") == "self_harm" else "harmful" if row.get("harmful") else "benign"
@@ -135,22 +150,24 @@ def harm_figures(head: Head, vectors: np.ndarray, rows: list[dict], patterns: np
 
 
 def by_kind(layers: dict[str, np.ndarray], rows: list[dict]) -> dict:
-    """Refused by each layer, for the harmful, self-harm and benign rows (benign also as look-alike and everyday)."""
+    """Refused by each layer, for the harmful, self-harm and benign rows (benign also as look-alike, everyday and
+    technical: questions about software, in the words of its documentation)."""
     groups = {label: [i for i, r in enumerate(rows) if r["label"] == label] for label in ("harmful", "self_harm",
                                                                                         "benign")}
-    groups |= {kind: [i for i, r in enumerate(rows) if r["kind"] == kind] for kind in ("lookalike", "everyday")}
+    groups |= {kind: [i for i, r in enumerate(rows) if r["kind"] == kind]
+               for kind in ("lookalike", "everyday", "technical")}
     return {name: by_layer(layers, rows, chosen) for name, chosen in groups.items() if chosen}
 
 
-def train_harm() -> dict:
-    """Tune the encoder and its head on the train split (chatbot.safety_tune), choose the threshold and veto on the
-    validation split, score the test split and the report-only sets once, and write what serving loads."""
+def train_harm(seed: int = 0) -> dict:
+    """Tune the encoder and its head on the train split (chatbot.safety_tune, from `seed`), choose the threshold and
+    veto on the validation split, score the test split and the report-only sets once, and write what serving loads."""
     rows = harm_rows()
     classes = ("safe", "harmful", "self_harm")
     labels = np.array([classes.index(r["label"].replace("benign", "safe")) for r in rows])
     split = parts(rows)
     train = split["train"]
-    changes, head = tune(E5Encoder.load(), [rows[i]["text"] for i in train], labels[train], classes)
+    changes, head = tune(E5Encoder.load(), [rows[i]["text"] for i in train], labels[train], classes, seed=seed)
     save_delta(changes, HARM_DELTA)
     encoder = E5Encoder.load(delta=HARM_DELTA)  # what serving loads: the figures are taken with it
     chosen = split["validation"] + split["test"]
@@ -169,9 +186,12 @@ def train_harm() -> dict:
         extra = [labelled(row, "report", name) for row in read_jsonl(EVAL / name)]
         figures[name] = harm_figures(head, encoder.queries([r["text"] for r in extra]), extra,
                                      np.array([judge(r["text"]).harmful for r in extra]))
+    for name, questions in document_questions().items():
+        figures[name] = harm_figures(head, encoder.queries([r["text"] for r in questions]), questions,
+                                     np.array([judge(r["text"]).harmful for r in questions]))
     sizes = {name: {"requests": len(split[name]), "intents": len({rows[i]["intent"] for i in split[name]})}
              for name in split}
-    head.write(HARM_HEAD, epochs=EPOCHS, split=sizes, figures=figures,
+    head.write(HARM_HEAD, epochs=EPOCHS, seed=seed, split=sizes, figures=figures,
                trained_on="the train split of chatbot/safety_data/requests*.jsonl, and chatbot/eval/safety.jsonl, "
                           "safety_probe.jsonl; the encoder's changes are in " + HARM_DELTA.name)
     return figures
@@ -326,27 +346,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", choices=("harm", "injection", "both"), default="both")
     parser.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                         help="also count the sentences removed from the evaluation corpora the project did not write")
+    parser.add_argument("--seed", type=int, default=0, help="harm: the tuning's random seed")
     args = parser.parse_args(argv)
     if args.head in ("harm", "both"):
-        print_harm(train_harm())
+        print_harm(train_harm(args.seed))
     if args.head in ("injection", "both"):
         print_injection(train_injection(args.external))
     return 0
 
 
 def cell(table: dict, layers: tuple[str, ...], language: str) -> str:
+    if not table["both"][language]["n"]:
+        return "–"
     return " / ".join(str(table[layer][language]["flagged"]) for layer in layers) + \
         f" of {table['both'][language]['n']}"
 
 
 def print_harm(figures: dict) -> None:
     print("\nHarm classifier (chatbot/heads/harm.json): requests refused by the patterns / the head / both\n")
-    print("| set | language | harmful | self-harm | benign look-alikes | everyday |\n|---|---|---|---|---|---|")
+    print("| set | language | harmful | self-harm | benign look-alikes | everyday | technical |\n"
+          "|---|---|---|---|---|---|---|")
     layers = ("patterns", "head", "both")
     for name, table in figures.items():
         for language in ("en", "zh"):
             cells = [cell(table[label], layers, language) if label in table else "–"
-                     for label in ("harmful", "self_harm", "lookalike", "everyday")]
+                     for label in ("harmful", "self_harm", "lookalike", "everyday", "technical")]
             print(f"| {name} | {language} | " + " | ".join(cells) + " |")
 
 
