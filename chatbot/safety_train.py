@@ -182,13 +182,11 @@ def train_harm(seed: int = 0) -> dict:
     head = Head(classes, head.weights, head.bias, threshold, encoder.name, veto)
     figures = {name: harm_figures(head, vectors[split[name]], [rows[i] for i in split[name]], patterns[split[name]])
                for name in ("validation", "test")}
-    for name in ("safety_unseen.jsonl", "everyday.jsonl"):
-        extra = [labelled(row, "report", name) for row in read_jsonl(EVAL / name)]
+    reports = {name: [labelled(row, "report", name) for row in read_jsonl(EVAL / name)]
+               for name in ("safety_unseen.jsonl", "everyday.jsonl")} | document_questions()
+    for name, extra in reports.items():
         figures[name] = harm_figures(head, encoder.queries([r["text"] for r in extra]), extra,
                                      np.array([judge(r["text"]).harmful for r in extra]))
-    for name, questions in document_questions().items():
-        figures[name] = harm_figures(head, encoder.queries([r["text"] for r in questions]), questions,
-                                     np.array([judge(r["text"]).harmful for r in questions]))
     sizes = {name: {"requests": len(split[name]), "intents": len({rows[i]["intent"] for i in split[name]})}
              for name in split}
     head.write(HARM_HEAD, epochs=EPOCHS, seed=seed, split=sizes, figures=figures,
