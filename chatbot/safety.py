@@ -349,28 +349,41 @@ class SafetyGuard:
         return Verdict("model") if unsafe >= self.threshold else verdict
 
 
+def unsafe(row: dict) -> bool:
+    """Whether a labelled row should be refused: the older sets say `harmful`, the newer a `label` (harmful,
+    self_harm or benign)."""
+    return bool(row["harmful"]) if "harmful" in row else row["label"] != "benign"
+
+
 def rates(rows: list[dict], guard: SafetyGuard | None = None) -> dict:
-    """Refused share of the harmful rows and of the benign ones, per language and overall, with the misses."""
+    """Refused share of the harmful rows and of the benign ones, per language and overall, with the misses, and
+    per `kind` (harmful, self_harm, lookalike, everyday ...) where the rows say it."""
     judge_ = (guard or SafetyGuard()).judge
     verdicts = [judge_(row["text"]).harmful for row in rows]
-    table: dict = {"misses": [r["text"] for r, v in zip(rows, verdicts, strict=True) if v != r["harmful"]]}
+    table: dict = {"misses": [r["text"] for r, v in zip(rows, verdicts, strict=True) if v != unsafe(r)], "kinds": {}}
     for language in ("en", "zh", "all"):
         chosen = [(r, v) for r, v in zip(rows, verdicts, strict=True) if language in ("all", r["language"])]
-        harmful = [v for r, v in chosen if r["harmful"]]
-        benign = [v for r, v in chosen if not r["harmful"]]
+        harmful = [v for r, v in chosen if unsafe(r)]
+        benign = [v for r, v in chosen if not unsafe(r)]
         table[language] = {"harmful": len(harmful), "refused": sum(harmful) / max(len(harmful), 1),
                            "benign": len(benign), "false_refusals": sum(benign) / max(len(benign), 1)}
+        for kind in sorted({r["kind"] for r, _ in chosen if "kind" in r}):
+            refused = [v for r, v in chosen if r.get("kind") == kind]
+            table["kinds"][language, kind] = (sum(refused), len(refused))
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.safety", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="JSONL rows: text, language, harmful")
+    parser.add_argument("--data", type=Path, nargs="+", default=[DATA],
+                        help="JSONL files of rows: text, language, and harmful (true/false) or label (harmful, "
+                             "self_harm, benign) with an optional kind")
     parser.add_argument("--safety-model", default=None, help="a guard classifier to add to the patterns")
     parser.add_argument("--safety-classifier", action=argparse.BooleanOptionalAction, default=True,
                         help="the learned harm classifier (multilingual-e5-small, tuned) besides the patterns (the default)")
     args = parser.parse_args(argv)
-    rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for path in args.data for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
     guard = SafetyGuard(args.safety_model, learned=load_learned() if args.safety_classifier else None)
     if guard.model_error:
         print(f"warning: {guard.model_error}", file=sys.stderr)
@@ -379,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     for language in ("en", "zh", "all"):
         row = table[language]
         print(f"| {language} | {row['harmful']} | {row['refused']:.0%} | {row['benign']} | {row['false_refusals']:.0%} |")
+    if table["kinds"]:
+        print("\n| language | kind | requests | refused |\n|---|---|---|---|")
+        for (language, kind), (refused, count) in table["kinds"].items():
+            print(f"| {language} | {kind} | {count} | {refused} ({refused / count:.0%}) |")
     for text in table["misses"]:
         print(f"miss: {text}")
     return 0

@@ -63,13 +63,17 @@ def split_of(intent: str, members: list[str]) -> str:
 
 
 def assign_splits(rows: list[dict], kind: str) -> None:
-    """Set row["split"] by intent, within each (language, `kind` value) group."""
+    """Set row["split"] by intent, within each (language, `kind` value, batch) group. Rows written later carry
+    their "batch" number and are split among themselves, so adding them moves no earlier intent to another split."""
+    def group(row: dict) -> tuple:
+        return row["language"], row[kind], row.get("batch")
+
     groups: dict[tuple, set[str]] = {}
     for row in rows:
-        groups.setdefault((row["language"], row[kind]), set()).add(row["intent"])
+        groups.setdefault(group(row), set()).add(row["intent"])
     members = {key: sorted(intents) for key, intents in groups.items()}
     for row in rows:
-        row["split"] = split_of(row["intent"], members[row["language"], row[kind]])
+        row["split"] = split_of(row["intent"], members[group(row)])
 
 
 def rates(flags: np.ndarray, rows: list[dict]) -> dict:

@@ -93,6 +93,30 @@ def test_a_head_for_another_embedder_is_refused():
         Learned(FixedEmbedder({}), Head.read(HARM_HEAD), Head.read(INJECTION_HEAD))
 
 
+def test_a_later_batch_is_split_on_its_own_and_moves_no_earlier_intent():
+    from chatbot.safety_train import assign_splits
+
+    def rows(intents: list[str], batch: int | None = None) -> list[dict]:
+        extra = {"batch": batch} if batch else {}
+        return [{"intent": name, "language": "en", "kind": "harmful", "text": name} | extra
+                for name in intents for _ in range(2)]
+
+    earlier = rows([f"en-intent-{n}" for n in range(40)])
+    assign_splits(earlier, "kind")
+    before = {r["intent"]: r["split"] for r in earlier}
+    later = rows([f"en5-intent-{n}" for n in range(40)], batch=5)
+    together = [dict(r) for r in earlier] + later
+    assign_splits(together, "kind")
+    assert {r["intent"]: r["split"] for r in together if "batch" not in r} == before
+    assert {r["split"] for r in later} == {"train", "validation", "test"}
+    for intent in {r["intent"] for r in together}:  # paraphrases of one intent never straddle two splits
+        assert len({r["split"] for r in together if r["intent"] == intent}) == 1
+    # without batches, the 40 new intents would have moved some of the earlier ones to another split
+    merged = [dict(r) for r in earlier] + [{k: v for k, v in r.items() if k != "batch"} for r in later]
+    assign_splits(merged, "kind")
+    assert {r["intent"]: r["split"] for r in merged if r["intent"].startswith("en-")} != before
+
+
 # ----- with the real multilingual encoder ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_encoder_tuned_on_a_few_examples_judges_held_out_paraphrases():
