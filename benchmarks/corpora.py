@@ -1,14 +1,14 @@
 """Retrieval on every evaluation corpus, per language, with each embedder: one command, one table.
 
-    python benchmarks/corpora.py                                   # about ten minutes on 2 CPU cores
+    python benchmarks/corpora.py                                   # about fifteen minutes on 2 CPU cores
     python benchmarks/corpora.py --corpora bundled,vim-zh --embedders multilingual-e5-small
 
 Corpora: the bundled documents (the project's own, with its 118 questions: the set fusion weights and relevance
 scales are chosen on) and those the project did not write (`knowledge.eval.external`: pydoc, rust-zh, man-zh,
 cargo, vim-zh, where installed here; their questions were written for the project and are only measured). Each
-corpus is built into a new index with each embedder (all-MiniLM-L6-v2, the bundled default, and
-multilingual-e5-small), the build timed (chunks per second, reading and BM25 included). Every question is then
-searched once per mode:
+corpus is built into a new index with each embedder (all-MiniLM-L6-v2, the bundled default,
+multilingual-e5-small, and both as `bilingual`: MiniLM for English text, e5 for the rest), the build timed
+(chunks per second, reading and BM25 included). Every question is then searched once per mode:
 
 - dense alone, BM25 alone (words, and characters for Chinese), and the fused search the store serves;
 - then asked as a user asks the app (`chatbot.assistant.Assistant.turn`, default settings, the safety check and
@@ -50,7 +50,7 @@ from knowledge.retriever import Retriever  # noqa: E402
 QUESTION_SETS = {"bundled": QUESTIONS, "pydoc": external.PYDOC_QUESTIONS, "rust-zh": external.RUST_ZH_QUESTIONS,
                  "man-zh": external.MAN_ZH_QUESTIONS, "cargo": external.CARGO_QUESTIONS,
                  "vim-zh": external.VIM_ZH_QUESTIONS}
-EMBEDDERS = ("all-MiniLM-L6-v2", "multilingual-e5-small")
+EMBEDDERS = ("all-MiniLM-L6-v2", "multilingual-e5-small", "bilingual")
 MODES = ("dense", "lexical", "fused")
 POOL = 50  # candidates of each retriever, as the store fuses them
 
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{corpus} with {name} ...", file=sys.stderr, flush=True)
                 results[corpus, name] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config)
     print("\n".join(table(results)))
-    print(f"\n(dense languages: each embedder's own, MiniLM en, e5 all; --min-relevance {config.min_relevance}, "
-          f"{config.passages} passages, answers quoted from them)")
+    print(f"\n(dense languages: each embedder's own, MiniLM en, e5 and bilingual all; --min-relevance "
+          f"{config.min_relevance}, {config.passages} passages, answers quoted from them)")
     if args.sweep and EMBEDDERS[1] in args.embedders.split(","):
         print(f"\nFusion of {EMBEDDERS[1]}'s dense ranking with BM25, other settings (hit@3 / MRR; served: k 60, "
               "weight 1):\n")

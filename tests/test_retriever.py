@@ -105,6 +105,31 @@ def test_multilingual_e5_finds_chinese_paraphrases_and_its_index_reopens_with_it
     assert retriever.search("明天北京的天气怎么样？", k=1)[0].relevance < ChatConfig().min_relevance
 
 
+@pytest.mark.slow
+def test_the_bilingual_embedder_gives_each_language_its_own_half_and_its_index_reopens_with_it(tmp_path):
+    from knowledge.embedder import BilingualEmbedder, Embedder
+
+    both = Embedder("bilingual")
+    assert isinstance(both, BilingualEmbedder) and both.languages == "*"
+    width = both.english.dimension
+    vectors = both.encode(["Perplexity measures how surprised a model is.", "困惑度是语言模型的评估指标。"])
+    assert vectors.shape == (2, both.dimension) and both.dimension == width + both.other.dimension
+    assert abs(vectors[0, width:]).max() == 0 and abs(vectors[0, :width]).max() > 0, "English: MiniLM's half"
+    assert abs(vectors[1, :width]).max() == 0 and abs(vectors[1, width:]).max() > 0, "Chinese: e5's half"
+    assert both.floor("en") == 0.0 and both.floor("zh") == both.other.similarity_floor
+    folder = tmp_path / "index"
+    KnowledgeBase.open(folder).add([write_docs(tmp_path / "docs")], both, progress=False)  # settings left default
+    retriever = Retriever.open(folder)
+    assert isinstance(retriever.embedder, BilingualEmbedder), "the index says which embedder filled it"
+    for question, source in (("模型对下一个词有多意外，用什么指标衡量？", "zh/困惑度.md"),
+                             ("验证集上的损失不再下降时该怎么办？", "zh/早停.md"),
+                             ("Why randomly zero activations while training?", "en/dropout.md")):
+        hits = retriever.search(question, k=3, mode="dense")
+        assert hits[0].chunk.source == source, (question, [h.chunk.source for h in hits])
+        assert retriever.search(question, k=1)[0].relevance >= ChatConfig().min_relevance, question
+    assert retriever.search("明天北京的天气怎么样？", k=1)[0].relevance < ChatConfig().min_relevance
+
+
 def test_relevance_separates_answerable_from_unrelated_questions(retriever):
     threshold = ChatConfig().min_relevance  # the threshold the assistant uses
     # "训练什么时候应该停下来？" shares only 训练 with its passage ("停止训练"): Chinese paraphrases without shared
