@@ -311,7 +311,8 @@ class Assistant:
             if not retriever.uses_dense(language):
                 return overlap
             cosines = retriever.embedder.encode(sentences) @ retriever.embedder.queries([text])[0]
-            return [o + retriever.similarity(float(c), language) for o, c in zip(overlap, cosines, strict=True)]
+            own = detect_language(text)  # the language the embedder read `text` in (BilingualEmbedder's half)
+            return [o + retriever.similarity(float(c), own) for o, c in zip(overlap, cosines, strict=True)]
 
         def score(question: str, sentences: list[str]) -> list[float]:
             own = similarity(question, sentences)

@@ -117,9 +117,10 @@ class Retriever:
         vector = self.embedder.queries([query]) if use_dense else None
         terms, vocabulary = tokenize(query), self.kb.lexical
         hits = []
+        own = detect_language(query)  # the language the embedder read the query in (BilingualEmbedder's half)
         for found in self.kb.search(query, vector, k, mode):
             share = coverage(vocabulary, terms, tokenize(found.chunk.indexed_text))
-            cosine = (self.similarity(found.dense, language) if self.uses_dense(language) and found.dense is not None
+            cosine = (self.similarity(found.dense, own) if self.uses_dense(language) and found.dense is not None
                       else 0.0)
             hits.append(Hit(found.chunk, found.score, max(share, cosine), found.dense, found.lexical))
         return hits
