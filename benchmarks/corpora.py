@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         found = corpora(args.corpora.split(","), Path(scratch))
         for name in args.embedders.split(","):
-            embedder = Embedder(None if name == EMBEDDERS[0] else name)
+            embedder = Embedder(name)
             for corpus, folder in found.items():
                 print(f"{corpus} with {name} ...", file=sys.stderr, flush=True)
                 results[corpus, name] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config)

@@ -50,7 +50,8 @@ class ChatConfig:
     embedding_model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_MODEL"),
         metadata={"help": "sentence-transformers model id or folder for retrieval, multilingual-e5-small, or "
-                          "bilingual (MiniLM for English, e5 for the rest) (default: the embedded all-MiniLM-L6-v2; "
+                          "all-MiniLM-L6-v2 (English only) (default: bilingual, the two embedded ones: MiniLM for "
+                          "English, e5 for the rest; an index keeps the one it was built with; "
                           "env CHATBOT_EMBEDDING_MODEL)"},
     )
     device: str | None = field(
@@ -99,7 +100,7 @@ class ChatConfig:
                 "from the documents (the default), or 'decline' to answer only from documents"})
     dense_languages: str = field(default=DENSE_LANGUAGES, metadata={
         "help": "comma-separated question languages the embedder handles ('*' = all; default auto: the "
-                "embedder's own, en for the bundled MiniLM, all for multilingual-e5-small)"})
+                "embedder's own: all for the default bilingual and multilingual-e5-small, en for all-MiniLM-L6-v2)"})
 
     def load_engine(self, model: str | None = None) -> Engine:
         return load_engine(model or self.model, self.backend, self.device, self.context_tokens, self.precision,

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(common, KnowledgeConfig)
     common.add_argument("--dense-languages", default=DENSE_LANGUAGES,
                         help="comma-separated query languages the embedder handles, for search and evaluate ('*' = "
-                             "all; default auto: the embedder's own, en for the bundled MiniLM, all for "
-                             "multilingual-e5-small)")
+                             "all; default auto: the embedder's own: all for the default bilingual and "
+                             "multilingual-e5-small, en for all-MiniLM-L6-v2)")
     parser = argparse.ArgumentParser(prog="python -m knowledge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("build", "a new index from files and folders"), ("add", "add new and changed files")):
@@ -77,8 +77,12 @@ def store(args: argparse.Namespace, config: KnowledgeConfig, folder: Path | None
 def cmd_build_or_add(args: argparse.Namespace, config: KnowledgeConfig, folder: Path | None) -> int:
     from knowledge.embedder import Embedder
 
-    embedder = Embedder.for_config(config)
-    kb = store(args, config, folder, create=True, fresh=args.command == "build")
+    fresh = args.command == "build"
+    kb = store(args, config, folder, create=True, fresh=fresh)
+    # Adding to an index goes on with the embedder that filled it (one built with MiniLM before the default was
+    # `bilingual` keeps MiniLM); a new one takes the command line's.
+    embedder = Embedder.for_config(config) if fresh or not len(kb) else Embedder.for_index(kb.config,
+                                                                                           kb.embedder_name)
     report = kb.add(args.paths, embedder)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("skipped") else sys.stdout)
@@ -105,15 +109,16 @@ def cmd_evaluate(args: argparse.Namespace, config: KnowledgeConfig, folder: Path
     from knowledge.retriever import Retriever
     from knowledge.store import BUNDLED_CORPUS
 
-    embedder = Embedder.for_config(config)
     with tempfile.TemporaryDirectory() as scratch:
         scratch_store = not args.existing and folder is None
         if scratch_store:  # the corpus, indexed for this evaluation only
             args.milvus_collection += "_evaluation"
             kb = store(args, config, Path(scratch), fresh=True)
+            embedder = Embedder.for_config(config)
             kb.add([args.corpus or BUNDLED_CORPUS], embedder)
         else:
             kb = store(args, config, folder)
+            embedder = Embedder.for_index(kb.config, kb.embedder_name)
         retriever = Retriever(kb, embedder, args.dense_languages)
         questions = ev.read_jsonl(args.questions or ev.QUESTIONS)
         table = ev.retrieval_table(retriever, questions)

@@ -14,10 +14,10 @@ from typing import Any
 
 from knowledge.embedder import BACKENDS
 
-# all-MiniLM-L6-v2, the bundled embedder, was trained on English: on Chinese queries its ranking is close to noise
-# (hit@3 0.35 against BM25's 0.965 on the evaluation set), so only English queries use it; multilingual-e5-small
-# votes in every language. "auto" takes the embedder's own `languages`. A setting of the search
-# (`knowledge.retriever.Retriever`), not of the index.
+# all-MiniLM-L6-v2 (the English half of the default, bilingual) was trained on English: on Chinese queries its
+# ranking is close to noise (hit@3 0.35 against BM25's 0.965 on the evaluation set), so only English queries use it
+# alone; multilingual-e5-small and bilingual vote in every language. "auto" takes the embedder's own `languages`.
+# A setting of the search (`knowledge.retriever.Retriever`), not of the index.
 DENSE_LANGUAGES = "auto"
 
 
@@ -25,8 +25,9 @@ DENSE_LANGUAGES = "auto"
 class KnowledgeConfig:
     embedding_model: str | None = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_MODEL"),
-        metadata={"help": "sentence-transformers model id or folder, multilingual-e5-small, or bilingual (MiniLM "
-                          "for English, e5 for the rest) (default: the embedded all-MiniLM-L6-v2; "
+        metadata={"help": "sentence-transformers model id or folder, multilingual-e5-small, or "
+                          "all-MiniLM-L6-v2 (English only) (default: bilingual, the two embedded ones: MiniLM for "
+                          "English, e5 for the rest; an index keeps the one it was built with; "
                           "env CHATBOT_EMBEDDING_MODEL)"})
     embedding_backend: str = field(
         default_factory=lambda: os.environ.get("CHATBOT_EMBEDDING_BACKEND", "auto"),

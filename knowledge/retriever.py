@@ -112,12 +112,12 @@ class Retriever:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not len(self.kb) or not query.strip():
             return []
-        language = language or detect_language(query)
+        own = detect_language(query)  # the language the embedder reads the query in (BilingualEmbedder's half)
+        language = language or own
         use_dense = mode == "dense" or (mode == "fused" and self.uses_dense(language))
         vector = self.embedder.queries([query]) if use_dense else None
         terms, vocabulary = tokenize(query), self.kb.lexical
         hits = []
-        own = detect_language(query)  # the language the embedder read the query in (BilingualEmbedder's half)
         for found in self.kb.search(query, vector, k, mode):
             share = coverage(vocabulary, terms, tokenize(found.chunk.indexed_text))
             cosine = (self.similarity(found.dense, own) if self.uses_dense(language) and found.dense is not None
@@ -127,7 +127,7 @@ class Retriever:
 
 
 def _language_set(codes: str, embedder) -> frozenset[str]:
-    """The languages in `codes`; "auto": the embedder's (`languages`: en for MiniLM, * for multilingual-e5-small)."""
+    """The languages in `codes`; "auto": the embedder's (`languages`: en for MiniLM, * for e5 and bilingual)."""
     if codes.strip() == "auto":
         codes = getattr(embedder, "languages", "en")
     return frozenset(code.strip() for code in codes.split(",") if code.strip())

@@ -67,7 +67,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedder():
-    """The real embedded all-MiniLM-L6-v2, loaded once for the whole session (tests using it are `slow`)."""
+    """The real default embedder (bilingual: the embedded all-MiniLM-L6-v2 for English, multilingual-e5-small for
+    the rest; `.english` is MiniLM alone), loaded once for the whole session (tests using it are `slow`)."""
     from knowledge.embedder import Embedder
 
     return Embedder()

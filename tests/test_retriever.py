@@ -13,6 +13,7 @@ import pytest
 from chatbot.config import ChatConfig
 from knowledge.config import KnowledgeConfig
 from knowledge.embedded import KnowledgeBase
+from knowledge.embedder import EMBEDDED_NAME
 from knowledge.fusion import reciprocal_rank_fusion
 from knowledge.lexical import tokenize, words
 from knowledge.retriever import Retriever
@@ -64,11 +65,13 @@ def test_fusion_finds_every_question_in_both_languages(retriever):
 
 def test_dense_results_vote_only_for_the_configured_languages(retriever):
     chinese, english = "困惑度怎么计算？", "How does LoRA work?"
-    assert all(h.dense is None for h in retriever.search(chinese, k=3)), "en only: no dense vote for Chinese"
-    assert all(h.dense is not None for h in retriever.search(english, k=3))
-    everyone = retriever.with_dense_languages("*")
-    assert all(h.dense is not None for h in everyone.search(chinese, k=3))
-    assert retriever.uses_dense("en") and not retriever.uses_dense("zh"), "the original is unchanged"
+    assert retriever.uses_dense("zh") and retriever.uses_dense("en"), "auto: the default embedder reads both"
+    english_only = retriever.with_dense_languages("en")
+    assert all(h.dense is None for h in english_only.search(chinese, k=3)), "en only: no dense vote for Chinese"
+    assert all(h.dense is not None for h in english_only.search(english, k=3))
+    assert all(h.dense is not None for h in retriever.search(chinese, k=3))
+    assert english_only.uses_dense("en") and not english_only.uses_dense("zh")
+    assert retriever.uses_dense("zh"), "the original is unchanged"
 
 
 def test_auto_dense_languages_are_the_embedders_own_and_its_cosines_are_rescaled(tmp_path, tiny_embedder):
@@ -172,6 +175,25 @@ def test_cli_build_search_list_stats_remove(tmp_path):
     assert json.loads(run_cli("stats", "--index", index, "--json").stdout)["chunks"] == 5
 
 
+@pytest.mark.slow
+def test_a_new_index_is_bilingual_and_one_built_with_minilm_keeps_it_when_files_are_added(tmp_path):
+    docs = write_docs(tmp_path / "docs")
+
+    def stats(index: str) -> dict:
+        return json.loads(run_cli("stats", "--index", index, "--json").stdout)
+
+    new, old = str(tmp_path / "new"), str(tmp_path / "old")
+    assert run_cli("build", str(docs), "--index", new).returncode == 0
+    assert (stats(new)["embedder"], stats(new)["dimension"]) == ("bilingual", 768)
+    built = run_cli("build", str(docs / "en"), "--index", old, "--embedding-model", EMBEDDED_NAME)  # as before
+    assert built.returncode == 0, built.stderr
+    added = run_cli("add", str(docs / "zh"), "--index", old)  # no --embedding-model: the index's own
+    assert added.returncode == 0, added.stderr
+    assert (stats(old)["embedder"], stats(old)["dimension"], stats(old)["chunks"]) == (EMBEDDED_NAME, 384, 6)
+    hits = json.loads(run_cli("search", "What does dropout do?", "--index", old, "--k", "1", "--json").stdout)
+    assert hits[0]["source"] == "dropout.md"  # named from the folder it was added from
+
+
 def test_cli_errors_are_one_line(tmp_path):
     result = run_cli("search", "x", "--index", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "holds no index" in result.stderr and "Traceback" not in result.stderr
@@ -183,10 +205,10 @@ def test_the_onnx_int8_embedder_agrees_with_torch_and_is_kept_with_its_index(emb
     from knowledge.embedder import Embedder
     from knowledge.store import IndexError_
 
-    fast = Embedder(backend="onnx")
+    fast = Embedder(EMBEDDED_NAME, backend="onnx")
     texts = ["LoRA freezes the base weights and trains two small matrices.", "Early stopping ends training.",
              "困惑度是语言模型的评估指标。", "short"]
-    cosine = (fast.encode(texts) * embedder.encode(texts)).sum(axis=1)
+    cosine = (fast.encode(texts) * embedder.english.encode(texts)).sum(axis=1)
     assert cosine.min() > 0.95, cosine
     assert fast.name == "all-MiniLM-L6-v2 (onnx int8)"
 
@@ -205,21 +227,24 @@ def test_the_openvino_embedder_gives_torchs_vectors_and_serves_a_torch_index(emb
     from knowledge.embedder import Embedder
 
     assert embedder.backend == "openvino", "auto: OpenVINO on a CPU where it is installed"
-    torch = Embedder(backend="torch")
-    assert torch.name == embedder.name, "the same vectors, so an index built by one is searched by the other"
+    minilm = embedder.english  # the default's English half
+    torch = Embedder(EMBEDDED_NAME, backend="torch")
+    assert torch.name == minilm.name, "the same vectors, so an index built by one is searched by the other"
     # a padded batch (the mask must count), one text, Chinese, and more texts than one batch holds
     texts = ["LoRA freezes the base weights and trains two small matrices in each attention layer.", "short",
              "困惑度是语言模型的评估指标。", *[f"Sentence number {i} about early stopping." for i in range(20)]]
     for batch in (texts, texts[1:2]):
-        cosine = (embedder.encode(batch) * torch.encode(batch)).sum(axis=1)
+        cosine = (minilm.encode(batch) * torch.encode(batch)).sum(axis=1)
         assert cosine.min() > 0.999, cosine
 
     folder = tmp_path / "index"
     KnowledgeBase.open(folder, KnowledgeConfig(embedding_backend="torch")).add([write_docs(tmp_path / "docs")],
                                                                               torch, progress=False)
-    hits = Retriever(KnowledgeBase.open(folder), embedder).search("What does dropout do?", k=1, mode="dense")
+    hits = Retriever(KnowledgeBase.open(folder), minilm).search("What does dropout do?", k=1, mode="dense")
     assert hits[0].chunk.source == "en/dropout.md"
-    assert Retriever.open(folder).embedder.backend == "openvino", "an index saved with torch runs on the default"
+    reopened = Retriever.open(folder).embedder
+    assert reopened.backend == "openvino", "an index saved with torch runs on the default"
+    assert reopened.name == EMBEDDED_NAME, "an index built with MiniLM (as before bilingual) is searched with it"
 
 
 def test_importing_openvino_reports_nothing(tmp_path):
