@@ -259,13 +259,15 @@ class Assistant:
         if route.kind == "chat":
             return self._own_answer(history, question, language, OWN_ANSWER if route.reason == "task" else NOT_FOUND,
                                     started, engine)
-        messages = self._messages(history, user_turn(question, language, grounding.passages))
+        grounding, messages = self._fitting(grounding, history, question, language, engine)
 
         previous = next((message_text(m["content"]) for m in reversed(history) if m["role"] == "assistant"), "")
 
         def quotes() -> str:
+            scores = [hit.score for hit in grounding.hits]
             return extractive_answer(question, grounding.passages, language, quoted_before=previous,
-                                     score=self._sentence_scorer(language, grounding.query))
+                                     score=self._sentence_scorer(language, grounding.query),
+                                     ranks=[1 + sum(other > own for other in scores) for own in scores])
 
         if not engine.profile.writes(language, grounded=True):
             return Turn(language, "extractive", _fixed(quotes()), grounding, messages=messages, started=started)
@@ -278,6 +280,20 @@ class Assistant:
 
         return Turn(language, "grounded", self._generate(messages, engine), grounding, finish, messages, started,
                     model=engine.name)
+
+    def _fitting(self, grounding: Grounding, history: Sequence[Message], question: str, language: str,
+                 engine: Engine) -> tuple[Grounding, list[Message]]:
+        """`grounding` keeping as many of its best passages as fit the engine's context budget beside the system
+        prompt and the question (older turns give way first: the engine drops them), and the messages that show
+        them. A small context, or long passages, cost the last passages rather than the answer."""
+        budget = engine.context_tokens - self.options.max_new_tokens
+        while True:
+            current = user_turn(question, language, grounding.passages)
+            alone = [{"role": "system", "content": self.config.system_prompt}, {"role": "user", "content": current}]
+            if len(grounding.passages) <= 1 or engine.count_tokens(alone) <= budget:
+                return grounding, self._messages(history, current)
+            kept = len(grounding.passages) - 1
+            grounding = dataclasses.replace(grounding, passages=grounding.passages[:kept], hits=grounding.hits[:kept])
 
     def _own_answer(self, history: Sequence[Message], question: str, language: str, label: dict[str, str],
                     started: float, engine: Engine) -> Turn:

@@ -141,7 +141,7 @@ def _support(terms: set[str], passage_terms: set[str]) -> float:
 
 def extractive_answer(question: str, passages: Sequence[Passage], language: str, sentences: int = 3,
                       score: Callable[[str, list[str]], list[float]] | None = None, min_ratio: float = 0.6,
-                      quoted_before: str = "") -> str:
+                      quoted_before: str = "", ranks: Sequence[int] | None = None) -> str:
     """Up to `sentences` passage sentences, each quoted with its citation: the one that answers the question best,
     the sentence after it in its passage, and the next best elsewhere if it rates at least `min_ratio` of the best
     (so no off-topic filler is quoted).
@@ -155,14 +155,17 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
 
     `score(question, sentences)` rates sentences (higher is better); by default, the share of question
     terms each contains. A sentence already in `quoted_before` (the previous answer) loses REPEAT_PENALTY, so a
-    follow-up gets the next best sentence unless the old one is still clearly the answer."""
+    follow-up gets the next best sentence unless the old one is still clearly the answer. `ranks[i]` is the rank of
+    passages[i] for the prior that favours the better passage (default: its number); passages the search scored
+    the same share a rank, as two that fusion ranked first and second in opposite orders do."""
     score = score or term_overlap
     candidates = [(passage.number, position, sentence) for passage in passages
                   for position, sentence in enumerate(split_sentences(passage.text)) if sentence != INJECTION_REMOVED]
     if not candidates:
         return localized(EXTRACTIVE_INTRO, language) + "\n"
     ratings = score(question, [sentence for _, _, sentence in candidates])
-    ratings = [r + PASSAGE_PRIOR / number + (LEAD_PRIOR if position == 0 else 0.0)
+    rank = {passage.number: passage.number if ranks is None else ranks[i] for i, passage in enumerate(passages)}
+    ratings = [r + PASSAGE_PRIOR / rank[number] + (LEAD_PRIOR if position == 0 else 0.0)
                - (REPEAT_PENALTY if quoted_before and sentence in quoted_before else 0.0)
                for r, (number, position, sentence) in zip(ratings, candidates, strict=True)]
     # Ties go to the better passage and then to the earlier sentence, which usually defines the topic.

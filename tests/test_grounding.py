@@ -83,6 +83,20 @@ def test_the_sentence_after_the_best_one_is_quoted_with_it_and_the_runner_up_onl
     assert extractive_answer("What does early stopping do?", [stopping], "en", sentences=1).count("\n- ") == 1
 
 
+def test_passages_the_search_scored_alike_get_the_same_prior():
+    """The prior for the better passage goes by rank; two passages fusion tied (first and second in opposite
+    orders) share rank 1, and the better sentence wins whichever is numbered first."""
+    first = Passage(1, "a.md", "Checkpoints go to disk. Early stopping of training needs a validation set.")
+    second = Passage(2, "b.md", "Disks are cheap. "
+                                "Early stopping ends training when the validation loss stops improving.")
+    question = "When does early stopping end training?"
+    by_number = extractive_answer(question, [first, second], "en", sentences=1)
+    assert by_number == extractive_answer(question, [first, second], "en", sentences=1, ranks=[1, 2])
+    assert "needs a validation set" in by_number, "a close second loses to the better passage's prior"
+    tied = extractive_answer(question, [first, second], "en", sentences=1, ranks=[1, 1])
+    assert tied.splitlines()[1:] == ['- "Early stopping ends training when the validation loss stops improving." [2]']
+
+
 def test_a_follow_up_does_not_repeat_the_previous_quote_unless_it_is_still_best():
     first = extractive_answer("What does LoRA train?", PASSAGES, "en", sentences=1)
     assert "LoRA trains two small low-rank matrices." in first
@@ -189,3 +203,30 @@ def test_chatbot_ask_with_index_cites_the_right_file(tmp_path, tiny_model_dir):
     data = json.loads(result.stdout)
     assert data["language"] == "zh" and data["sources"][0]["source"] == "zh/隐私.md"
     assert "[1]" in data["answer"]
+
+
+def test_passages_that_do_not_fit_the_context_give_way_not_the_answer(tokenizer, tmp_path, tiny_embedder):
+    """A small context (or long passages): the last passages are left out of the prompt, and of the citations,
+    instead of the turn failing as "too long"."""
+    folder = tmp_path / "index"
+    KnowledgeBase.open(folder).add([write_docs(tmp_path / "docs")], tiny_embedder, progress=False)
+    retriever = Retriever(KnowledgeBase.open(folder), tiny_embedder)
+
+    def turn(context: int):
+        engine = Engine(tiny_model(tokenizer), tokenizer, "tiny", context, ModelProfile())
+        config = ChatConfig(max_new_tokens=8, context_tokens=context, min_relevance=0.0)
+        return Assistant(engine, config, retriever).turn([], "How does LoRA work?"), engine
+
+    roomy, _ = turn(4096)
+    assert roomy.mode == "grounded" and len(roomy.grounding.passages) == 3
+    budget = engine_tokens(roomy, tokenizer) - 40  # the roomy prompt does not fit it
+    tight, engine = turn(budget)
+    assert 1 <= len(tight.grounding.passages) < 3 and len(tight.grounding.hits) == len(tight.grounding.passages)
+    assert engine.count_tokens(tight.messages) <= budget - 8
+    assert f"[{len(tight.grounding.passages) + 1}]" not in tight.messages[-1]["content"]
+    "".join(tight.stream())
+    assert {s["number"] for s in tight.answer().sources} <= set(range(1, len(tight.grounding.passages) + 1))
+
+
+def engine_tokens(turn, tokenizer) -> int:
+    return Engine(tiny_model(tokenizer), tokenizer, "tiny", 4096, ModelProfile()).count_tokens(turn.messages)
