@@ -6,8 +6,8 @@
 Corpora: the bundled documents (the project's own, with its 118 questions: the set fusion weights and relevance
 scales are chosen on) and those the project did not write (`knowledge.eval.external`: pydoc, rust-zh, man-zh,
 cargo, vim-zh, where installed here; their questions were written for the project and are only measured). Each
-corpus is built into a new index with each embedder (all-MiniLM-L6-v2, the bundled default,
-multilingual-e5-small, and both as `bilingual`: MiniLM for English text, e5 for the rest), the build timed
+corpus is built into a new index with each embedder (all-MiniLM-L6-v2, multilingual-e5-small, and both as
+`bilingual`, the default: MiniLM for English text, e5 for the rest), the build timed
 (chunks per second, reading and BM25 included). Every question is then searched once per mode:
 
 - dense alone, BM25 alone (words, and characters for Chinese), and the fused search the store serves;
