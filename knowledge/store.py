@@ -213,18 +213,39 @@ def default_index(folder: Path | None = None, embedder: Embedder | None = None,
                   embedding_model: str | None = None) -> Path:
     """The default knowledge base's folder (`folder`, else $CHATBOT_HOME/index), built from the bundled
     documents the first time, with `embedder` (else one loaded from `embedding_model`); later calls only return
-    it, with whatever was added or removed since."""
+    it, with whatever was added or removed since. One that an earlier version built with all-MiniLM-L6-v2 is
+    rebuilt once with today's embedder while it holds the bundled documents and nothing else (nothing is lost:
+    Chinese questions then find passages by meaning); one the user changed is kept as it is, with a note."""
     from knowledge.embedded import KnowledgeBase
+    from knowledge.embedder import DEFAULT_EMBEDDER, EMBEDDED_NAME
 
     folder = Path(folder or index_dir()).expanduser()
-    if not (folder / "CURRENT").is_file():
+    if (folder / "CURRENT").is_file():
+        kb = KnowledgeBase.open(folder)
+        wanted = embedder.name if embedder is not None else embedding_model or DEFAULT_EMBEDDER
+        if kb.embedder_name != EMBEDDED_NAME or wanted == EMBEDDED_NAME:
+            return folder
+        if set(kb.sources) != bundled_sources():
+            print(f"note: the knowledge base in {folder} was built with {EMBEDDED_NAME}, which reads English only, "
+                  "so Chinese questions are matched by their words alone; `python -m knowledge build DOCS --index "
+                  f"{folder}` rebuilds it with {wanted}.", file=sys.stderr, flush=True)
+            return folder
+        print(f"Rebuilding the default knowledge base in {folder} with {wanted}, which reads Chinese by meaning as "
+              f"well (it was built with {EMBEDDED_NAME}; once)...", file=sys.stderr, flush=True)
+        store = KnowledgeBase.fresh(folder)  # replaces the old index with its first write, not before
+    else:
         print(f"Building the default knowledge base in {folder} from the bundled documents (first use only)...",
               file=sys.stderr, flush=True)
-        report = KnowledgeBase.open(folder).add([BUNDLED_CORPUS], embedder or Embedder(embedding_model),
-                                                progress=False)
-        for line in report.lines():
-            print(line, file=sys.stderr)
+        store = KnowledgeBase.open(folder)
+    report = store.add([BUNDLED_CORPUS], embedder or Embedder(embedding_model), progress=False)
+    for line in report.lines():
+        print(line, file=sys.stderr)
     return folder
+
+
+def bundled_sources() -> set[str]:
+    """The names the bundled documents have in a knowledge base (their paths under BUNDLED_CORPUS)."""
+    return {path.relative_to(BUNDLED_CORPUS).as_posix() for path in BUNDLED_CORPUS.rglob("*") if path.is_file()}
 
 
 @contextmanager

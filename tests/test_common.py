@@ -17,7 +17,8 @@ from common.cli import ConfigError, add_arguments, resolve, run
 from common.paths import chatbot_home, feedback_log, index_dir, models_dir
 from knowledge.config import KnowledgeConfig
 from knowledge.embedded import KnowledgeBase
-from knowledge.store import BUNDLED_CORPUS, default_index
+from knowledge.embedder import EMBEDDED_NAME
+from knowledge.store import BUNDLED_CORPUS, bundled_sources, default_index
 from tests.tiny import TinyEmbedder
 
 
@@ -104,6 +105,27 @@ def test_the_default_knowledge_base_is_built_once_from_the_bundled_documents(tmp
     assert default_index(tmp_path / "index", TinyEmbedder()) == folder  # found, not rebuilt
     assert "en/lora.md" not in KnowledgeBase.open(folder, create=False).sources
     assert capsys.readouterr().err == ""
+
+
+def test_a_default_knowledge_base_built_with_minilm_is_rebuilt_once_unless_the_user_changed_it(tmp_path, capsys):
+    class OldDefault(TinyEmbedder):  # stands in for all-MiniLM-L6-v2, the default embedder before bilingual
+        name = EMBEDDED_NAME
+
+    untouched, changed = tmp_path / "untouched", tmp_path / "changed"
+    for folder in (untouched, changed):
+        default_index(folder, OldDefault())
+    KnowledgeBase.open(changed).remove(["en/lora.md"])
+    capsys.readouterr()
+    assert default_index(untouched, TinyEmbedder()) == untouched
+    assert "Rebuilding the default knowledge base" in capsys.readouterr().err
+    rebuilt = KnowledgeBase.open(untouched, create=False)
+    assert rebuilt.embedder_name == TinyEmbedder.name and set(rebuilt.sources) == bundled_sources()
+    default_index(untouched, TinyEmbedder())
+    assert capsys.readouterr().err == "", "once"
+    default_index(changed, TinyEmbedder())
+    assert "rebuilds it with tiny-hash" in capsys.readouterr().err
+    kept = KnowledgeBase.open(changed, create=False)
+    assert kept.embedder_name == EMBEDDED_NAME and "en/lora.md" not in kept.sources, "what the user did is kept"
 
 
 def test_citations_and_shown_passages_are_parsed_in_one_place():
