@@ -223,8 +223,8 @@ def default_index(folder: Path | None = None, embedder: Embedder | None = None,
     if (folder / "CURRENT").is_file():
         kb = KnowledgeBase.open(folder)
         wanted = embedder.name if embedder is not None else embedding_model or DEFAULT_EMBEDDER
-        if kb.embedder_name != EMBEDDED_NAME or wanted == EMBEDDED_NAME:
-            return folder
+        if kb.embedder_name != EMBEDDED_NAME or kb.config.embedding_model or wanted == EMBEDDED_NAME:
+            return folder  # not MiniLM by default (a choice, e.g. --embedding-model all-MiniLM-L6-v2, stands)
         if set(kb.sources) != bundled_sources():
             print(f"note: the knowledge base in {folder} was built with {EMBEDDED_NAME}, which reads English only, "
                   "so Chinese questions are matched by their words alone; `python -m knowledge build DOCS --index "

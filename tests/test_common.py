@@ -126,6 +126,11 @@ def test_a_default_knowledge_base_built_with_minilm_is_rebuilt_once_unless_the_u
     assert "rebuilds it with tiny-hash" in capsys.readouterr().err
     kept = KnowledgeBase.open(changed, create=False)
     assert kept.embedder_name == EMBEDDED_NAME and "en/lora.md" not in kept.sources, "what the user did is kept"
+    chosen = tmp_path / "chosen"  # MiniLM named by the user: not the default of an earlier version
+    KnowledgeBase.open(chosen, KnowledgeConfig(embedding_model=EMBEDDED_NAME)).add([BUNDLED_CORPUS], OldDefault(),
+                                                                                 progress=False)
+    default_index(chosen, TinyEmbedder())
+    assert capsys.readouterr().err == "" and KnowledgeBase.open(chosen).embedder_name == EMBEDDED_NAME
 
 
 def test_citations_and_shown_passages_are_parsed_in_one_place():
