@@ -237,6 +237,7 @@ class LocalBackend:
 
     def _retriever(self, index: str | None, base: Path):
         from knowledge.embedded import KnowledgeBase
+        from knowledge.embedder import Embedder
         from knowledge.retriever import Retriever
         from knowledge.store import default_index
 
@@ -247,13 +248,18 @@ class LocalBackend:
         else:
             folder = (base / index).resolve()
         if folder not in self.retrievers:
-            if (folder / "CURRENT").is_file():  # an index folder
+            embedder = self.embedder
+            if (folder / "CURRENT").is_file():  # an index folder, searched with the embedder that built it
                 kb = KnowledgeBase.open(folder, create=False)
+                if kb.embedder_name != embedder.name:  # e.g. MiniLM, an earlier version's default
+                    embedder = Embedder.for_index(kb.config, kb.embedder_name)
             else:  # documents: indexed once into the data folder, then kept up to date incrementally
                 cache = self.cache or chatbot_home() / "regress-indexes"
                 kb = KnowledgeBase.open(cache / re.sub(r"\W+", "_", str(folder)))
-                kb.add([folder], self.embedder, progress=False)
-            self.retrievers[folder] = Retriever(kb, self.embedder)
+                if len(kb) and kb.embedder_name != embedder.name:  # cached by another embedder: built anew
+                    kb = KnowledgeBase.fresh(kb.folder)
+                kb.add([folder], embedder, progress=False)
+            self.retrievers[folder] = Retriever(kb, embedder)
         return self.retrievers[folder]
 
     def assistant(self, settings: dict[str, Any], base: Path):

@@ -113,3 +113,26 @@ def test_the_project_dialogues_pass_against_a_running_app(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_document_folder_cached_by_another_embedder_is_indexed_anew(tmp_path):
+    """The suite's cached index of a dialogue's documents, built by an earlier default embedder, is rebuilt with
+    today's rather than refused as built by another one."""
+    from chatbot.regress import LocalBackend
+    from knowledge.embedded import KnowledgeBase
+    from tests.docs import write_docs
+    from tests.tiny import TinyEmbedder
+
+    class Earlier(TinyEmbedder):
+        name = "all-MiniLM-L6-v2"
+
+    docs = write_docs(tmp_path / "dialogues" / "docs")
+    earlier = LocalBackend(cache=tmp_path / "cache")
+    earlier._embedder = Earlier()
+    assert earlier._retriever("docs", docs.parent).kb.embedder_name == "all-MiniLM-L6-v2"
+    today = LocalBackend(cache=tmp_path / "cache")
+    today._embedder = TinyEmbedder()
+    retriever = today._retriever("docs", docs.parent)
+    assert retriever.kb.embedder_name == "tiny-hash" and len(retriever.kb) == 6
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert KnowledgeBase.open(cached, create=False).embedder_name == "tiny-hash", "the cache itself was replaced"
