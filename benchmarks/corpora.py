@@ -41,6 +41,7 @@ from benchmarks.filling import corpora  # noqa: E402
 from chatbot.assistant import Assistant  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.models import ModelProfile  # noqa: E402
+from knowledge.config import KnowledgeConfig  # noqa: E402
 from knowledge.embedded import KnowledgeBase  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.eval import external  # noqa: E402
@@ -69,10 +70,11 @@ class Quoting:
         raise RuntimeError("a model that writes nothing was asked to write")
 
 
-def measure(corpus: Path, questions: list[dict], embedder: Embedder, config: ChatConfig) -> dict:
+def measure(corpus: Path, questions: list[dict], embedder: Embedder, config: ChatConfig,
+            sentence_vectors: bool = True) -> dict:
     """Build `corpus` with `embedder`, search each question in each mode, and ask it: ranks, answers, fill rate."""
     with tempfile.TemporaryDirectory() as folder:
-        kb = KnowledgeBase.open(Path(folder) / "index")
+        kb = KnowledgeBase.open(Path(folder) / "index", KnowledgeConfig(sentence_vectors=sentence_vectors))
         started = time.perf_counter()
         kb.add([corpus], embedder, progress=False)
         seconds = time.perf_counter() - started
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpora", default=",".join(QUESTION_SETS))
     parser.add_argument("--embedders", default=",".join(EMBEDDERS))
+    parser.add_argument("--chunk-vectors-only", action="store_true",
+                        help="also build each corpus without sentence vectors (rows marked 'chunks only'), as indexes "
+                             "were built before them")
     parser.add_argument("--json", type=Path, help="also write every question's ranks and relevance here")
     parser.add_argument("--sweep", action="store_true",
                         help="also print fusion with other RRF constants and dense weights, for multilingual-e5-small")
@@ -159,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.embedders.split(","):
             embedder = Embedder(name)
             for corpus, folder in found.items():
-                print(f"{corpus} with {name} ...", file=sys.stderr, flush=True)
-                results[corpus, name] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config)
+                for sentences in (True, False) if args.chunk_vectors_only else (True,):
+                    label = name if sentences else f"{name}, chunks only"
+                    print(f"{corpus} with {label} ...", file=sys.stderr, flush=True)
+                    results[corpus, label] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config,
+                                                     sentences)
     print("\n".join(table(results)))
     print(f"\n(dense languages: each embedder's own, MiniLM en, e5 and bilingual all; --min-relevance "
           f"{config.min_relevance}, {config.passages} passages, answers quoted from them)")

@@ -1,4 +1,7 @@
-"""How fast a knowledge base fills: chunks per second building each evaluation corpus with each embedder backend.
+"""How fast a knowledge base fills: chunks per second building each evaluation corpus with each backend of
+all-MiniLM-L6-v2 (the English half of the default embedder), one vector a chunk (`--no-sentence-vectors`: the
+runtimes compared; the default also embeds each chunk's sentences, 2.3-2.9x slower, `benchmarks/corpora.py
+--chunk-vectors-only`).
 
     python benchmarks/filling.py               # about nine minutes on 2 CPU cores
     python benchmarks/filling.py --repeat 5 --corpora bundled
@@ -27,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script
 
 from knowledge.config import KnowledgeConfig  # noqa: E402
 from knowledge.embedded import KnowledgeBase  # noqa: E402
-from knowledge.embedder import Embedder  # noqa: E402
+from knowledge.embedder import EMBEDDED_NAME, Embedder  # noqa: E402
 from knowledge.eval.external import CORPORA  # noqa: E402
 from knowledge.store import BUNDLED_CORPUS, read_files  # noqa: E402
 
@@ -47,19 +50,20 @@ def corpora(names: list[str], scratch: Path) -> dict[str, Path]:
 
 def embedders() -> dict[str, tuple[Embedder, bool]]:
     """label → (embedder, bf16 on or off for the torch one)."""
-    torch_embedder = Embedder(backend="torch")
+    torch_embedder = Embedder(EMBEDDED_NAME, backend="torch")
     variants = {"torch, float32": (torch_embedder, False)}
     if torch_embedder.bf16:
         variants["torch, bfloat16"] = (torch_embedder, True)
-    variants["openvino (the default on a CPU)"] = (Embedder(backend="openvino"), False)
-    variants["onnx int8 (`--embedding-backend onnx`)"] = (Embedder(backend="onnx"), False)
+    variants["openvino (the default on a CPU)"] = (Embedder(EMBEDDED_NAME, backend="openvino"), False)
+    variants["onnx int8 (`--embedding-backend onnx`)"] = (Embedder(EMBEDDED_NAME, backend="onnx"), False)
     return variants
 
 
 def build_seconds(corpus: Path, embedder: Embedder) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        report = KnowledgeBase.open(Path(folder) / "index").add([corpus], embedder, progress=False)
+        report = KnowledgeBase.open(Path(folder) / "index", KnowledgeConfig(sentence_vectors=False)).add(
+            [corpus], embedder, progress=False)
         return time.perf_counter() - start, report.chunks
 
 

@@ -9,7 +9,8 @@ seconds):
 - generation: time to first token and tokens per second of the embedded model, streaming versus one
   blocking `generate()` call of the same length (the cost of streaming through a thread); both count generated
   token ids;
-- retrieval: fused search versus BM25 alone over the bundled knowledge base, per query;
+- retrieval: fused search versus BM25 alone over the bundled knowledge base, per query, with and without sentence
+  vectors;
 - answers: a whole extractive answer (retrieval + sentence choice) per question, English and Chinese;
 - vector search: HNSW versus exact FAISS search over 50,000 clustered normalised vectors, with HNSW's recall;
 - indexing: chunks per second when building the bundled corpus with each embedder backend (`benchmarks/filling.py`
@@ -38,6 +39,7 @@ from chatbot.chat_format import render_prompt  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import GenerationOptions, Usage  # noqa: E402
 from chatbot.hf_engine import TransformersEngine as Engine  # noqa: E402
+from knowledge.config import KnowledgeConfig  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
 from knowledge.segment import build_faiss  # noqa: E402
@@ -85,14 +87,17 @@ def generation_rows(engine: Engine, repeat: int) -> list[tuple[str, str, str]]:
             ("tokens per second, streaming engine", f"{speed:.1f}", f"{speed / blocking:.2f}x")]
 
 
-def retrieval_rows(retriever: Retriever, assistant: Assistant, repeat: int) -> list[tuple[str, str, str]]:
-    def search(mode: str) -> Callable[[], None]:
-        return lambda: [retriever.search(q, k=5, mode=mode) for q in QUESTIONS]
+def retrieval_rows(retriever: Retriever, assistant: Assistant, repeat: int, chunks_only: Retriever
+                   ) -> list[tuple[str, str, str]]:
+    def search(mode: str, searcher: Retriever = retriever) -> Callable[[], None]:
+        return lambda: [searcher.search(q, k=5, mode=mode) for q in QUESTIONS]
 
     lexical = median_time(search("lexical"), repeat) / len(QUESTIONS)
     fused = median_time(search("fused"), repeat) / len(QUESTIONS)
+    plain = median_time(search("fused", chunks_only), repeat) / len(QUESTIONS)
     rows = [("BM25 search, per query", f"{lexical * 1000:.1f} ms", "1.00x"),
-            ("fused search, per query", f"{fused * 1000:.1f} ms", f"{fused / lexical:.2f}x")]
+            ("fused search, chunk vectors only, per query", f"{plain * 1000:.1f} ms", f"{plain / lexical:.2f}x"),
+            ("fused search (with sentence vectors), per query", f"{fused * 1000:.1f} ms", f"{fused / lexical:.2f}x")]
     for language, question in (("en", QUESTIONS[0]), ("zh", QUESTIONS[2])):
         seconds = median_time(lambda q=question: assistant.ask(q), repeat)
         rows.append((f"extractive answer ({language}), retrieval included", f"{seconds * 1000:.0f} ms", ""))
@@ -127,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     engine = Engine.load(None)
     embedder = Embedder()
-    with scratch_knowledge_base([BUNDLED_CORPUS], embedder) as kb:
+    with (scratch_knowledge_base([BUNDLED_CORPUS], embedder) as kb,
+          scratch_knowledge_base([BUNDLED_CORPUS], embedder, KnowledgeConfig(sentence_vectors=False)) as plain):
         retriever = Retriever(kb, embedder)
         assistant = Assistant(engine, ChatConfig(), retriever)
-        rows = generation_rows(engine, args.repeat) + retrieval_rows(retriever, assistant, args.repeat)
+        rows = generation_rows(engine, args.repeat) + retrieval_rows(retriever, assistant, args.repeat,
+                                                                     Retriever(plain, embedder))
     rows += vector_rows(args.repeat) + corpus_rows("bundled", BUNDLED_CORPUS, embedders(), args.repeat)
     print(f"\n{torch.get_num_threads()} CPU threads, torch {torch.__version__}, model {engine.name}")
     print_table(rows)

@@ -95,6 +95,16 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
+def sentence_units(chunk: Chunk) -> list[str]:
+    """What a chunk of several sentences is also embedded as, one vector each: each sentence under the chunk's
+    heading. A question that paraphrases one sentence of a long chunk is nearer that sentence than the chunk's
+    average (`knowledge.segment.Segment.search` ranks a chunk by both). A chunk of one sentence has none."""
+    sentences = split_sentences(chunk.text)
+    if len(sentences) < 2:
+        return []
+    return [f"{chunk.heading}\n{s}" if chunk.heading else s for s in sentences]
+
+
 def sections(text: str) -> list[tuple[str, str]]:
     """(heading path, body) pairs: Markdown headings start sections; the path joins the title and section. A "#"
     line inside a fenced code block is code (a comment), not a heading."""

@@ -44,6 +44,11 @@ class KnowledgeConfig:
     # Exact search over 20k 384-d vectors takes a few ms; beyond that HNSW keeps queries fast.
     approximate_after: int = field(default=20000, metadata={"help": "use an HNSW index from this many chunks on"})
     max_file_mb: float = field(default=50.0, metadata={"help": "skip files larger than this"})
+    # Chunks found by their best sentence as well as by their average: fused MRR 0.913 -> 0.947 on the bundled
+    # questions and higher on every unseen corpus, for about 4x the vectors (README, "Sentence vectors").
+    sentence_vectors: bool = field(default=True, metadata={
+        "help": "also embed each sentence of a chunk, so that a question matching one sentence finds its chunk "
+                "(slower to fill, more memory; the embedded store only)"})
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 16:

@@ -121,10 +121,12 @@ class _State:
         i = bisect.bisect_right(self.bases, key) - 1
         return self.segments[i].chunk(key - self.bases[i])
 
-    def dense(self, vector: np.ndarray, pool: int) -> dict[int, float]:
-        found = [(base + row, score) for seg, mask, base in zip(self.segments, self.masks, self.bases, strict=True)
-                 for row, score in seg.search(vector, pool, mask)]
-        return dict(sorted(found, key=lambda item: -item[1])[:pool])
+    def dense(self, vector: np.ndarray, pool: int) -> dict[int, tuple[float, float]]:
+        """Key → (score, cosine) of the `pool` best rows, best first (`Segment.search`)."""
+        found = [(base + row, (score, cosine))
+                 for seg, mask, base in zip(self.segments, self.masks, self.bases, strict=True)
+                 for row, score, cosine in seg.search(vector, pool, mask)]
+        return dict(sorted(found, key=lambda item: -item[1][0])[:pool])
 
 
 def _live(segment: Segment, deleted: tuple[str, ...]) -> int:
@@ -238,7 +240,15 @@ class KnowledgeBase:
             rows = segment.rows(source)
             return dict(zip((c.id for c in segment.chunks(rows)), segment.vectors(rows), strict=True))
 
-        with FileEmbedding(embedder, progress, stored) as embedding:
+        def stored_units(source: str) -> dict[str, np.ndarray]:  # chunk id → its sentence vectors, where kept
+            if source not in state.where or state.segments[state.where[source]].units is None:
+                return {}
+            segment = state.segments[state.where[source]]
+            rows = segment.rows(source)
+            return dict(zip((c.id for c in segment.chunks(rows)), segment.unit_vectors(rows), strict=True))
+
+        with FileEmbedding(embedder, progress, stored,
+                           stored_units if self.config.sentence_vectors else None) as embedding:
             report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress,
                                                          embedding.add)
             embedding.close()
@@ -247,8 +257,9 @@ class KnowledgeBase:
             vectors = embedding.vectors(on_progress)
         if chunks:
             # Embedding and writing the new segment need no lock; the merge with the latest committed state does.
+            units = [embedding.units[c.id] for c in chunks] if self.config.sentence_vectors else None
             staged = self._stage(chunks, np.stack([vectors[c.id] for c in chunks]).astype(np.float32), new_sources,
-                                 *postings)
+                                 *postings, units)
             with self._locked():
                 if not self.replaces:  # another process may have committed since this copy was read: no lost update
                     self._take_latest()
@@ -280,13 +291,13 @@ class KnowledgeBase:
                 self._commit([], self._merge(entries))
 
     def _stage(self, chunks: list[Chunk], vectors: np.ndarray, sources: dict[str, dict], words: Postings,
-               characters: Postings) -> Path:
+               characters: Postings, units: list[np.ndarray] | None = None) -> Path:
         """Write a segment into a staging folder named after this process (so that another writer's clean-up
         leaves it alone while this process lives)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"seg-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         staging = self.folder / f"tmp-{os.getpid()}-{name}"
-        Segment.write(staging, chunks, vectors, sources, self.config.approximate_after, words, characters)
+        Segment.write(staging, chunks, vectors, sources, self.config.approximate_after, words, characters, units)
         return staging
 
     def _placed(self, staging: Path) -> Segment:
@@ -298,6 +309,7 @@ class KnowledgeBase:
         """One new segment holding the live rows of `entries`: vectors and postings are copied, not recomputed."""
         chunks: list[Chunk] = []
         vectors, words, characters = [], [], []
+        units: list[np.ndarray] = []  # the rows' sentence vectors (none for rows of a segment written without them)
         sources: dict[str, dict] = {}
         for segment, deleted in entries:
             kept: list[int] = []
@@ -307,11 +319,14 @@ class KnowledgeBase:
                     sources[source] = {k: v for k, v in meta.items() if k not in ("rows", "chunks", "languages")}
             chunks += segment.chunks(kept)
             vectors.append(segment.vectors(kept))
+            units += segment.unit_vectors(kept)
             words.append((segment.words, np.asarray(kept, np.int64)))
             characters.append((segment.characters, np.asarray(kept, np.int64)))
         dimension = next((v.shape[1] for v in vectors), 1)
+        with_units = any(segment.units is not None for segment, _ in entries)
         return self._placed(self._stage(chunks, np.concatenate(vectors) if vectors else np.zeros((0, dimension)),
-                                        sources, Postings.merge(words), Postings.merge(characters)))
+                                        sources, Postings.merge(words), Postings.merge(characters),
+                                        units if with_units else None))
 
     def _merged(self, entries: list[tuple[Segment, tuple[str, ...]]]) -> list[tuple[Segment, tuple[str, ...]]]:
         """`entries` after merging, as a log-structured store merges: the newest segments are folded together while
@@ -398,12 +413,13 @@ class KnowledgeBase:
         dense = state.dense(vector, pool) if vector is not None else {}
         lexical = state.lexical.search(query, pool) if mode != "dense" else {}
         if mode == "dense":
-            ranked = list(dense.items())
+            ranked = [(key, score) for key, (score, _) in dense.items()]
         elif mode == "lexical":
             ranked = list(lexical.items())
         else:  # (both searches return their rows best first)
             ranked = list(reciprocal_rank_fusion([list(dense), list(lexical)]).items())
-        return [Scored(state.chunk(key), score, dense.get(key), lexical.get(key)) for key, score in ranked[:k]]
+        return [Scored(state.chunk(key), score, dense[key][1] if key in dense else None, lexical.get(key))
+                for key, score in ranked[:k]]
 
     def stats(self) -> dict:
         state = self.state
@@ -411,6 +427,7 @@ class KnowledgeBase:
                 "embedder": self.embedder_name,
                 "dimension": next((int(seg.index.d) for seg in state.segments if seg.size), 0),
                 "segments": len(state.segments),
+                "sentence_vectors": sum(seg.units.ntotal for seg in state.segments if seg.units is not None),
                 "deleted_rows": sum(seg.size for seg in state.segments) - len(self),
                 "faiss": sorted({type(seg.index).__name__ for seg in state.segments}),
                 "chunk_languages": chunk_languages(state.sources), "config": asdict(self.config)}

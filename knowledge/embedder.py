@@ -297,7 +297,7 @@ class Background:
         self.started = 0.0  # when the first window began
         self.error: BaseException | None = None
         self.cancelled = False
-        self.bar = tqdm(desc="Embedding", unit="chunk", total=0, disable=not progress)
+        self.bar = tqdm(desc="Embedding", unit="text", total=0, disable=not progress)
         self.thread = threading.Thread(target=self._run, name="embedding", daemon=True)
         self.thread.start()
 
@@ -333,7 +333,7 @@ class Background:
                 rate = self.done / (time.monotonic() - self.started)
                 left = (self.received - self.done) / rate
                 on_progress(0.5 + 0.5 * self.done / self.received,
-                            f"embedding: {self.done}/{self.received} chunks, about {left:.0f} s left")
+                            f"embedding: {self.done}/{self.received} passages and sentences, about {left:.0f} s left")
         self.bar.close()
         if self.error is not None:
             raise self.error

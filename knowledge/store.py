@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.paths import index_dir
-from knowledge.chunking import Chunk, chunk_document
+from knowledge.chunking import Chunk, chunk_document, sentence_units
 from knowledge.config import KnowledgeConfig
 from knowledge.embedder import Background, Embedder
 from knowledge.lexical import Vocabulary
@@ -108,17 +108,23 @@ def read_files(paths: list[Path], config: KnowledgeConfig, known: dict[str, dict
 class FileEmbedding:
     """The vectors of the chunks `read_files` reads, for both stores: each file's chunks are embedded in the
     background as the file is read (`knowledge.embedder.Background`), except the unchanged chunks of a changed file,
-    which keep the vectors `stored(source)` returns (chunk id → vector) instead of being embedded again.
+    which keep the vectors `stored(source)` returns (chunk id → vector) instead of being embedded again. With
+    `stored_units` (chunk id → its sentence vectors in the store, for a store that keeps them), each chunk's
+    sentences (`knowledge.chunking.sentence_units`) are embedded too, or kept likewise.
 
         with FileEmbedding(embedder, progress, stored) as embedding:
             report, new_chunks, new_sources = read_files(paths, config, known, progress, on_progress, embedding.add)
             vectors = embedding.vectors(on_progress)      # chunk id → vector
+            units = embedding.units                       # chunk id → sentence vectors (with stored_units)
     """
 
-    def __init__(self, embedder: Embedder, progress: bool, stored: Callable[[str], dict[str, np.ndarray]]):
-        self.job, self.stored = Background(embedder, progress), stored
+    def __init__(self, embedder: Embedder, progress: bool, stored: Callable[[str], dict[str, np.ndarray]],
+                 stored_units: Callable[[str], dict[str, np.ndarray]] | None = None):
+        self.job, self.stored, self.stored_units = Background(embedder, progress), stored, stored_units
         self.reused: dict[str, np.ndarray] = {}
-        self.embedded: list[str] = []  # ids of the chunks given to the embedder, in order
+        self.units: dict[str, np.ndarray] = {}  # filled in by vectors(); the kept ones at once
+        self.embedded: list[tuple[str, int]] = []  # (chunk id, texts) given to the embedder, in order: 1 for the
+        # chunk itself, then (with stored_units) its sentences, under the id "units:" + the chunk id
 
     def __enter__(self) -> FileEmbedding:
         return self
@@ -131,8 +137,18 @@ class FileEmbedding:
         stored = self.stored(source)
         self.reused.update((c.id, stored[c.id]) for c in chunks if c.id in stored)
         fresh = [c for c in chunks if c.id not in self.reused]
-        self.embedded += [c.id for c in fresh]
-        self.job.add([c.indexed_text for c in fresh])
+        self.embedded += [(c.id, 1) for c in fresh]
+        texts = [c.indexed_text for c in fresh]
+        if self.stored_units is not None:
+            kept = self.stored_units(source)
+            for c in chunks:
+                if c.id in kept and c.id in self.reused:
+                    self.units[c.id] = kept[c.id]
+                else:
+                    sentences = sentence_units(c)
+                    self.embedded.append(("units:" + c.id, len(sentences)))
+                    texts += sentences
+        self.job.add(texts)
 
     def close(self) -> None:
         """Every file has been added (`Background.close`)."""
@@ -140,7 +156,15 @@ class FileEmbedding:
 
     def vectors(self, on_progress: Callable[[float, str], None] | None = None) -> dict[str, np.ndarray]:
         """Chunk id → vector for every chunk added; waits for the embedding to finish."""
-        return dict(zip(self.embedded, self.job.vectors(on_progress), strict=True)) | self.reused
+        embedded, first = self.job.vectors(on_progress), 0
+        vectors = dict(self.reused)
+        for key, count in self.embedded:
+            if key.startswith("units:"):
+                self.units[key[6:]] = embedded[first:first + count]
+            else:
+                vectors[key] = embedded[first]
+            first += count
+        return vectors
 
 
 @dataclass(frozen=True)
@@ -213,9 +237,10 @@ def default_index(folder: Path | None = None, embedder: Embedder | None = None,
                   embedding_model: str | None = None) -> Path:
     """The default knowledge base's folder (`folder`, else $CHATBOT_HOME/index), built from the bundled
     documents the first time, with `embedder` (else one loaded from `embedding_model`); later calls only return
-    it, with whatever was added or removed since. One that an earlier version built with all-MiniLM-L6-v2 is
-    rebuilt once with today's embedder while it holds the bundled documents and nothing else (nothing is lost:
-    Chinese questions then find passages by meaning); one the user changed is kept as it is, with a note."""
+    it, with whatever was added or removed since. One that an earlier version built with all-MiniLM-L6-v2, or
+    without sentence vectors, is rebuilt once with today's embedder and settings while it holds the bundled
+    documents and nothing else (nothing is lost: Chinese questions then find passages by meaning, and a question
+    that paraphrases one sentence finds its passage); one the user changed is kept as it is, with a note."""
     from knowledge.embedded import KnowledgeBase
     from knowledge.embedder import DEFAULT_EMBEDDER, EMBEDDED_NAME
 
@@ -223,15 +248,20 @@ def default_index(folder: Path | None = None, embedder: Embedder | None = None,
     if (folder / "CURRENT").is_file():
         kb = KnowledgeBase.open(folder)
         wanted = embedder.name if embedder is not None else embedding_model or DEFAULT_EMBEDDER
-        if kb.embedder_name != EMBEDDED_NAME or kb.config.embedding_model or wanted == EMBEDDED_NAME:
-            return folder  # not MiniLM by default (a choice, e.g. --embedding-model all-MiniLM-L6-v2, stands)
+        # (MiniLM named by the user, e.g. --embedding-model all-MiniLM-L6-v2, is a choice that stands)
+        minilm = kb.embedder_name == EMBEDDED_NAME and not kb.config.embedding_model and wanted != EMBEDDED_NAME
+        unsentenced = kb.config.sentence_vectors and any(segment.units is None for segment in kb.state.segments)
+        if not (minilm or unsentenced):
+            return folder
+        why = (f"with {EMBEDDED_NAME}, which reads English only, so Chinese questions are matched by their words "
+               "alone" if minilm else "without sentence vectors, so a question that paraphrases one sentence of a "
+               "long passage may miss it")
         if set(kb.sources) != bundled_sources():
-            print(f"note: the knowledge base in {folder} was built with {EMBEDDED_NAME}, which reads English only, "
-                  "so Chinese questions are matched by their words alone; `python -m knowledge build DOCS --index "
+            print(f"note: the knowledge base in {folder} was built {why}; `python -m knowledge build DOCS --index "
                   f"{folder}` rebuilds it with {wanted}.", file=sys.stderr, flush=True)
             return folder
-        print(f"Rebuilding the default knowledge base in {folder} with {wanted}, which reads Chinese by meaning as "
-              f"well (it was built with {EMBEDDED_NAME}; once)...", file=sys.stderr, flush=True)
+        print(f"Rebuilding the default knowledge base in {folder} with {wanted} (it was built {why}; once)...",
+              file=sys.stderr, flush=True)
         store = KnowledgeBase.fresh(folder)  # replaces the old index with its first write, not before
     else:
         print(f"Building the default knowledge base in {folder} from the bundled documents (first use only)...",
@@ -249,11 +279,12 @@ def bundled_sources() -> set[str]:
 
 
 @contextmanager
-def scratch_knowledge_base(paths: list[Path], embedder: Embedder) -> Iterator[KnowledgeBase]:
+def scratch_knowledge_base(paths: list[Path], embedder: Embedder, config: KnowledgeConfig | None = None
+                           ) -> Iterator[KnowledgeBase]:
     """A throwaway knowledge base of `paths` in a temporary folder, deleted afterwards (evaluations, benchmarks)."""
     from knowledge.embedded import KnowledgeBase
 
     with tempfile.TemporaryDirectory(prefix="knowledge-") as folder:
-        kb = KnowledgeBase.open(Path(folder))
+        kb = KnowledgeBase.open(Path(folder), config)
         kb.add(paths, embedder, progress=False)
         yield kb

@@ -4,6 +4,7 @@ and the one citation and passage parser that serving, evaluation and the sample 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,16 @@ def test_a_default_knowledge_base_built_with_minilm_is_rebuilt_once_unless_the_u
                                                                                  progress=False)
     default_index(chosen, TinyEmbedder())
     assert capsys.readouterr().err == "" and KnowledgeBase.open(chosen).embedder_name == EMBEDDED_NAME
+    before = tmp_path / "before"  # today's embedder, but built before sentence vectors
+    KnowledgeBase.open(before, KnowledgeConfig(sentence_vectors=False)).add([BUNDLED_CORPUS], TinyEmbedder(),
+                                                                           progress=False)
+    generation = before / (before / "CURRENT").read_text().strip()
+    saved = json.loads(generation.read_text())
+    del saved["config"]["sentence_vectors"]  # as an earlier version saved it
+    generation.write_text(json.dumps(saved))
+    default_index(before, TinyEmbedder())
+    assert "without sentence vectors" in capsys.readouterr().err
+    assert all(segment.units is not None for segment in KnowledgeBase.open(before).state.segments)
 
 
 def test_citations_and_shown_passages_are_parsed_in_one_place():

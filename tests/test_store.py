@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import pytest
 
+from knowledge.chunking import sentence_units
 from knowledge.config import KnowledgeConfig
 from knowledge.embedded import KnowledgeBase
 from knowledge.lexical import LexicalIndex, character_terms, tokenize
@@ -231,12 +232,14 @@ def test_a_write_costs_what_the_file_costs(tmp_path, docs, tiny_embedder, monkey
                         original(vectors, after))
     kb = KnowledgeBase.open(folder)
     kb.add([docs / "lora.md"], tiny_embedder, progress=False)
-    assert built == [2], "adding a file of two chunks indexed only those two"
+    sentences = sum(len(sentence_units(c)) for c in kb.chunks("lora.md"))
+    assert built == [2, sentences], "adding a file of two chunks indexed only those two (and their sentences)"
     kb.remove(["note03.md"])
-    assert built == [2], "a removal rebuilds nothing"
+    assert built == [2, sentences], "a removal rebuilds nothing"
     (tmp_path / "many" / "note04.md").write_text("# Note 4\n\nRewritten entirely.")
     kb.add([tmp_path / "many" / "note04.md"], tiny_embedder, progress=False)
-    assert built == [2, 1, 3], "a changed file is a segment of its own, then merged with the small newest one"
+    assert built == [2, sentences, 1, 0, 3, sentences + 0], \
+        "a changed file is a segment of its own, then merged with the small newest one"
     kb = consistent(folder)
     assert "note03.md" not in kb.sources and kb.chunks("note04.md")[0].text == "Rewritten entirely."
     assert manifest(folder)["segments"][0]["deleted"] == ["note03.md", "note04.md"]
@@ -362,3 +365,38 @@ def test_a_file_that_fails_to_read_midway_leaves_the_index_as_it_was(tmp_path, t
     with pytest.raises(MemoryError):
         KnowledgeBase.open(folder).add([CORPUS / "zh"], tiny_embedder, progress=False)
     assert len(consistent(folder)) == before
+
+
+def test_a_chunk_is_found_by_its_best_sentence_and_keeps_its_sentences_through_a_merge(tmp_path, tiny_embedder):
+    """A question that repeats one sentence of a long chunk finds that chunk by the sentence's vector, where the
+    chunk's own vector (an average of many sentences) loses to a short chunk that shares a few of its words."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    other = " ".join(f"Topic {word} covers {word} tables and {word} queues." for word in
+                     ("alpha", "bravo", "delta", "echo", "foxtrot", "golf", "hotel"))
+    (folder / "long.md").write_text(f"# Notes\n\n{other} Gradient checkpointing trades compute for memory.")
+    (folder / "short.md").write_text("# Budget\n\nCompute and memory budgets. Plan the compute.")
+    question = "gradient checkpointing trades compute for memory"
+    vector = tiny_embedder.queries([question])
+    found = {}
+    for sentences in (False, True):
+        kb = KnowledgeBase.open(tmp_path / f"index-{sentences}", KnowledgeConfig(sentence_vectors=sentences))
+        kb.add([folder], tiny_embedder, progress=False)
+        found[sentences] = [hit.chunk.source for hit in kb.search(question, vector, 2, "dense")]
+        segment = kb.state.segments[0]
+        assert (segment.units is not None) is sentences
+        assert (segment.folder / "units.faiss").exists() is sentences
+    assert found == {False: ["short.md", "long.md"], True: ["long.md", "short.md"]}
+    kb = KnowledgeBase.open(tmp_path / "index-True")
+    (folder / "more.md").write_text("# More\n\nAnother note. It says little.")
+    kb.add([folder / "more.md"], tiny_embedder, progress=False)
+    kb.compact()
+    kb = consistent(tmp_path / "index-True")
+    assert len(kb.state.segments) == 1 and kb.state.segments[0].units.ntotal == 8 + 2 + 2
+    hits = kb.search(question, vector, 3, "dense")
+    assert hits[0].chunk.source == "long.md", "the merged segment kept the sentence vectors"
+    assert hits[0].dense == pytest.approx(float(tiny_embedder.encode([kb.chunks("long.md")[0].indexed_text])[0]
+                                                @ vector[0]), abs=1e-5), "relevance is still the chunk's cosine"
+    old = KnowledgeBase.open(tmp_path / "index-False")
+    old.add([folder / "more.md"], tiny_embedder, progress=False)
+    assert consistent(tmp_path / "index-False").search(question, vector, 1, "dense")[0].chunk.source == "short.md"
