@@ -4,7 +4,9 @@
 
 - routing: the project's everyday requests (chatbot/eval/everyday.jsonl, 64, half Chinese) must go to the model,
   the retrieval evaluation's questions (knowledge/eval/questions.jsonl, 118) to the documents; a confusion table
-  per language, and every misrouted message;
+  per language, and every misrouted message. The everyday requests written later for the safety check
+  (`chatbot/safety_data/not_trained/requests5.*`, 165: letters, subscriptions, diets, eulogies...; nothing in the
+  routing was chosen on them) are routed too, as a check on requests nobody tuned for;
 - key-fact recall: of the document questions routed to the documents, the share whose answer contains the
   question's key phrase (the fact the passage states), per language;
 - safety: refusal and false-refusal rates of the whole check (`chatbot.safety`: patterns and the harm head) on the
@@ -35,6 +37,8 @@ from knowledge.retriever import Retriever
 from knowledge.store import BUNDLED_CORPUS, scratch_knowledge_base
 
 EVERYDAY = Path(__file__).resolve().parent / "eval" / "everyday.jsonl"
+FRESH = [Path(__file__).resolve().parent / "safety_data" / "not_trained" / f"requests5.{language}.jsonl"
+         for language in ("en", "zh")]
 QUESTIONS = Path(__file__).resolve().parents[1] / "knowledge" / "eval" / "questions.jsonl"
 
 
@@ -42,19 +46,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def routing_table(retriever: Retriever, config: ChatConfig, everyday: list[dict], questions: list[dict]
-                  ) -> tuple[dict, list[str]]:
-    """(language, expected, routed) → count, and a line per misrouted message."""
+def routing_table(retriever: Retriever, config: ChatConfig, everyday: list[dict], questions: list[dict],
+                  fresh: list[dict] = ()) -> tuple[dict, list[str]]:
+    """(language, expected, routed) → count, and a line per misrouted message; `fresh` everyday requests count as
+    expected "fresh chat"."""
     table: dict[tuple[str, str, str], int] = {}
     misrouted = []
-    rows = [(r["text"], r["language"], "chat") for r in everyday] + [(r["question"], r["language"], "documents")
-                                                                      for r in questions]
+    rows = ([(r["text"], r["language"], "chat") for r in everyday] + [(r["text"], r["language"], "fresh chat")
+                                                                       for r in fresh]
+            + [(r["question"], r["language"], "documents") for r in questions])
     for text, language, expected in rows:
         # The passages the assistant itself would show (`ground`), so the table measures what users get.
         hits = ground(retriever, [], text, language, config.min_relevance, config.passages).hits
         route = decide(text, hits, retriever.lexical, config.min_relevance)
         table[language, expected, route.kind] = table.get((language, expected, route.kind), 0) + 1
-        if route.kind != expected:
+        if route.kind != expected.split()[-1]:
             misrouted.append(f"{expected} → {route.kind} ({route.reason}): {text}")
     return table, misrouted
 
@@ -84,15 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = ChatConfig(model=args.model, backend=args.backend)
     everyday, questions = read_jsonl(EVERYDAY), read_jsonl(QUESTIONS)
+    fresh = [r for path in FRESH for r in read_jsonl(path) if r["kind"] == "everyday"]
     embedder = Embedder()
     with scratch_knowledge_base([BUNDLED_CORPUS], embedder) as kb:
         retriever = Retriever(kb, embedder)
-        table, misrouted = routing_table(retriever, config, everyday, questions)
+        table, misrouted = routing_table(retriever, config, everyday, questions, fresh)
         recall, missed = key_fact_recall(Assistant(config.load_engine(), config, retriever), questions)
     print("Routing (chatbot.routing)\n\n| language | asked | routed to documents | routed to the model |\n"
           "|---|---|---|---|")
     for language in ("en", "zh"):
-        for expected, name in (("chat", "everyday requests"), ("documents", "document questions")):
+        for expected, name in (("chat", "everyday requests"), ("fresh chat", "everyday requests written later"),
+                               ("documents", "document questions")):
             counts = [table.get((language, expected, kind), 0) for kind in ("documents", "chat")]
             print(f"| {language} | {name} ({sum(counts)}) | {counts[0]} | {counts[1]} |")
     print("\nKey-fact recall of answers from the documents\n\n| language | answered from documents | with the key fact "

@@ -97,10 +97,10 @@ class Segment:
         if units is not None:
             if len(units) != len(chunks):
                 raise ValueError("a segment needs one array of sentence vectors per row")
-            offsets = np.zeros(len(units) + 1, np.int64)
-            np.cumsum([len(u) for u in units], out=offsets[1:])
-            np.save(folder / "units.npy", offsets)
-            stacked = np.concatenate(units) if offsets[-1] else np.zeros((0, vectors.shape[1]), np.float32)
+            starts = np.zeros(len(units) + 1, np.int64)  # row r's sentences: starts[r]:starts[r + 1]
+            np.cumsum([len(u) for u in units], out=starts[1:])
+            np.save(folder / "units.npy", starts)
+            stacked = np.concatenate(units) if starts[-1] else np.zeros((0, vectors.shape[1]), np.float32)
             faiss.write_index(build_faiss(stacked, approximate_after), str(folder / "units.faiss"))
         first = 0
         for meta in sources.values():
