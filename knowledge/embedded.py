@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -233,22 +234,17 @@ class KnowledgeBase:
         self._check_embedder(embedder)
         state = self.state
 
-        def stored(source: str) -> dict[str, np.ndarray]:  # chunk id → vector of a file this index holds
-            if source not in state.where:
+        def stored(source: str, sentences: bool = False) -> dict[str, np.ndarray]:
+            """Chunk id → vector (or its sentence vectors, where its segment keeps them) of a file this index holds."""
+            segment = state.segments[state.where[source]] if source in state.where else None
+            if segment is None or (sentences and segment.units is None):
                 return {}
-            segment = state.segments[state.where[source]]
             rows = segment.rows(source)
-            return dict(zip((c.id for c in segment.chunks(rows)), segment.vectors(rows), strict=True))
-
-        def stored_units(source: str) -> dict[str, np.ndarray]:  # chunk id → its sentence vectors, where kept
-            if source not in state.where or state.segments[state.where[source]].units is None:
-                return {}
-            segment = state.segments[state.where[source]]
-            rows = segment.rows(source)
-            return dict(zip((c.id for c in segment.chunks(rows)), segment.unit_vectors(rows), strict=True))
+            kept = segment.unit_vectors(rows) if sentences else segment.vectors(rows)
+            return dict(zip((c.id for c in segment.chunks(rows)), kept, strict=True))
 
         with FileEmbedding(embedder, progress, stored,
-                           stored_units if self.config.sentence_vectors else None) as embedding:
+                           partial(stored, sentences=True) if self.config.sentence_vectors else None) as embedding:
             report, new_chunks, new_sources = read_files(paths, self.config, state.sources, progress, on_progress,
                                                          embedding.add)
             embedding.close()

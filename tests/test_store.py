@@ -397,6 +397,19 @@ def test_a_chunk_is_found_by_its_best_sentence_and_keeps_its_sentences_through_a
     assert hits[0].chunk.source == "long.md", "the merged segment kept the sentence vectors"
     assert hits[0].dense == pytest.approx(float(tiny_embedder.encode([kb.chunks("long.md")[0].indexed_text])[0]
                                                 @ vector[0]), abs=1e-5), "relevance is still the chunk's cosine"
+    embedded: list[str] = []
+
+    class Counting(type(tiny_embedder)):
+        def encode(self, texts, **kwargs):
+            embedded.extend(texts)
+            return super().encode(texts, **kwargs)
+
+    long = (folder / "long.md").read_text()
+    (folder / "long.md").write_text(f"{long}\n\n## Later\n\nA new section arrives. It is short.")
+    kb.add([folder / "long.md"], Counting(), progress=False)
+    assert embedded and not any("checkpointing" in text for text in embedded), \
+        "a changed file's unchanged chunk keeps its vector and its sentences' vectors"
+    assert consistent(tmp_path / "index-True").search(question, vector, 1, "dense")[0].chunk.source == "long.md"
     old = KnowledgeBase.open(tmp_path / "index-False")
     old.add([folder / "more.md"], tiny_embedder, progress=False)
     assert consistent(tmp_path / "index-False").search(question, vector, 1, "dense")[0].chunk.source == "short.md"
