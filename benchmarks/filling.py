@@ -1,6 +1,6 @@
 """How fast a knowledge base fills: chunks per second building each evaluation corpus with each backend of
 all-MiniLM-L6-v2 (the English half of the default embedder), one vector a chunk (`--no-sentence-vectors`: the
-runtimes compared; the default also embeds each chunk's sentences, 2.3-2.9x slower, `benchmarks/corpora.py
+runtimes compared; the default also embeds each chunk's sentences, 1.8-2.9x slower, `benchmarks/corpora.py
 --chunk-vectors-only`).
 
     python benchmarks/filling.py               # about nine minutes on 2 CPU cores
