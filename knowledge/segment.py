@@ -10,7 +10,7 @@ searches skip their rows. Files:
 - `chunks.jsonl` + `offsets.npy`: one chunk per line, read by row through mmap;
 - `dense.faiss`: exact inner product below `approximate_after` rows, HNSW from there on (it holds the vectors too);
 - `units.faiss` + `units.npy` (optional): the vectors of each row's sentences (`knowledge.chunking.sentence_units`)
-  and where each row's start (row r: units.npy[r]:units.npy[r + 1]); a search ranks a row by both (`search`);
+  and where each row's sentences start (row r: units.npy[r]:units.npy[r + 1]); a search ranks a row by both (`search`);
 - `words.*` and `characters.*`: `knowledge.lexical.Postings` of the rows' terms and characters;
 - `sources.json`: source → path, sha256, added, rows [first, count], chunk languages.
 Tested in tests/test_store.py.
