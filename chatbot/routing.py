@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from knowledge.lexical import Vocabulary, tokenize
+from knowledge.lexical import Vocabulary, tokenize, words
 from knowledge.retriever import Hit
 
 MAX_UNKNOWN = 0.5
@@ -40,10 +40,15 @@ _TASK = re.compile(
     r"can you (write|recommend|suggest|translate)|how do you say)\b"
     r"|\b(translate|translation)\b.{0,40}\b(into|to|in)\b|\bjoke\b|\b(haiku|limerick|poem|sonnet)\b"
     r"|\d\s*[-+*/×÷x^]\s*\d|\bsquare root of \d|\b\d+(\.\d+)?\s*%\s*of\b"
-    r"|^\s*(请)?(帮我|给我|替我)?(写|编|起|翻译|讲|推荐|计算|算|总结|概括|改写|润色)"
     r"|翻译成|译成|笑话|(小|一首)?诗|祝福|名言|起个名|等于多少|[\d零一二三四五六七八九十百千万两]+\s*(乘以|除以|加上|减去)|"
     r"[\d零一二三四五六七八九十百千万两]+的百分之|多少(米|公里|千克|天)",
     re.IGNORECASE)
+# A Chinese request that opens with a task verb ("写一首诗", "帮我写封信", "算算还有多少天"): its first word, as jieba
+# segments it, is the verb, alone, doubled or with a measure word. Matching characters instead took questions that
+# open with 编译器 (compiler), 编辑 (edit) or 写后端接口时 ("when writing a back end") for tasks.
+_LEAD_IN_ZH = re.compile(r"^\s*(请|麻烦你?)?(帮我|给我|替我|帮忙)?")
+_TASK_VERB_ZH = re.compile(r"^(写|编|起|翻译|讲|推荐|计算|算|总结|概括|改写|润色|起草)(写|编|讲|算)?"
+                           r"(个|封|段|篇|份|条|首|句|则|张|一下|一个|一首|一篇|一段|一封|一份|一条|出|成|一|点)?$")
 _NAMES_DOCUMENTS = re.compile(r"\b(documents?|docs|knowledge base|according to|in the (file|guide|notes))\b"
                               r"|文档|知识库|资料|根据", re.IGNORECASE)
 
@@ -56,7 +61,12 @@ class Route:
 
 def is_task(question: str) -> bool:
     """A request to do something (write, translate, calculate ...) rather than a question about facts."""
-    return bool(_TASK.search(question)) and not _NAMES_DOCUMENTS.search(question)
+    return (bool(_TASK.search(question)) or _opens_with_task_verb(question)) and not _NAMES_DOCUMENTS.search(question)
+
+
+def _opens_with_task_verb(question: str) -> bool:
+    first = words(_LEAD_IN_ZH.sub("", question[:40]))[:1]
+    return bool(first and _TASK_VERB_ZH.match(first[0]))
 
 
 def unknown_share(question: str, lexical: Vocabulary) -> float:

@@ -24,7 +24,7 @@ def hit(relevance: float) -> Hit:
 @pytest.mark.parametrize("text", [
     "Write a haiku about autumn leaves.", "Translate 'good morning' into Chinese.", "What is 17 * 23?",
     "Tell me a joke about penguins.", "写一句生日祝福。", "把“早上好”翻译成英文。", "十七乘以二十三等于多少？",
-    "讲一个关于熊猫的笑话。",
+    "讲一个关于熊猫的笑话。", "帮我写封辞职信，语气客气一点", "算算离春节还有几天", "请帮我起草一条请假消息",
 ])
 def test_tasks_are_recognised(text):
     assert is_task(text)
@@ -34,6 +34,8 @@ def test_tasks_are_recognised(text):
     "Why are attention scores divided by the square root of the key dimension?", "What does LoRA train?",
     "注意力分数为什么要除以一个数？", "Summarize what the documents say about LoRA.",
     "根据文档，写一段关于困惑度的总结。",
+    # a task verb's character opening another word: 编译器 (compiler), 编辑 (edit), 写后端 (writing a back end)
+    "编译器会对没用到的函数给出警告吗？", "编辑密钥时可以删掉自签名吗？", "写后端接口时，怎样避免注入漏洞",
 ])
 def test_questions_and_requests_about_the_documents_are_not_tasks(text):
     assert not is_task(text)
