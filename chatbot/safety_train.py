@@ -320,13 +320,13 @@ def train_injection(external: bool) -> dict:
     return figures
 
 
-def external_corpora(head: Head, embedder: E5Encoder) -> dict:
-    """Sentences removed from each evaluation corpus the project did not write (none is a planted instruction)."""
+def external_sentences() -> dict[str, list[str]]:
+    """corpus → the sentences of every evaluation corpus the project did not write that is installed here."""
     import tempfile
 
     from knowledge.eval.external import CORPORA
 
-    figures = {}
+    found = {}
     for name, write in CORPORA.items():
         with tempfile.TemporaryDirectory() as folder:
             try:
@@ -334,7 +334,14 @@ def external_corpora(head: Head, embedder: E5Encoder) -> dict:
             except (OSError, RuntimeError, ValueError) as err:
                 print(f"{name}: not available here ({err})", file=sys.stderr)
                 continue
-        texts = [s for sentences in files.values() for s in sentences]
+        found[name] = [s for sentences in files.values() for s in sentences]
+    return found
+
+
+def external_corpora(head: Head, embedder: E5Encoder) -> dict:
+    """Sentences removed from each evaluation corpus the project did not write (none is a planted instruction)."""
+    figures = {}
+    for name, texts in external_sentences().items():
         print(f"embedding the {len(texts)} sentences of {name} ...", file=sys.stderr, flush=True)
         rows = [{"language": "", "instruction": False, "kind": "corpus"} for _ in texts]
         layers = injection_layers(head, embedder.queries(texts), texts)
