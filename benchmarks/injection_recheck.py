@@ -7,7 +7,7 @@ The shipped filter (chatbot/heads/injection*.json, README "Safety") removes too 
 tutorials: `println!` lines with prose strings, JSON, comments. The recheck is a logistic regression on the
 filter's own vectors that must confirm each sentence the filter flags, trained on the filter's train split plus
 code as ordinary text (and as planted instructions where they hide in it): code and data installed on this machine
-(`chatbot.safety_train.code_sentences`, read, never copied) and the code sentences written for it
+(`installed_code` below: read, never copied) and the code sentences written for it
 (`chatbot/safety_data/not_trained/injection4.code.jsonl`); both are split like the rest (by file, by family).
 
 Printed for each recheck threshold: planted instructions caught (patterns, or the head confirmed) on the
