@@ -224,13 +224,40 @@ def open_store(folder: Path | None, milvus_uri: str | None = None, collection: s
     return KnowledgeBase.fresh(folder, config) if fresh else KnowledgeBase.open(folder, config, create)
 
 
-def default_collection(milvus_uri: str, collection: str, embedding_model: str | None = None) -> None:
-    """Fill the Milvus collection with the bundled documents if it does not exist yet (the app's first start)."""
+def default_collection(milvus_uri: str, collection: str, embedding_model: str | None = None,
+                       embedder: Embedder | None = None) -> None:
+    """Fill the Milvus collection with the bundled documents if it does not exist yet (the app's first start). One
+    that an earlier version filled with all-MiniLM-L6-v2 is filled again once with today's embedder while it holds
+    the bundled documents and nothing else; one the user changed is kept as it is, with a note (as `default_index`)."""
+    from knowledge.embedder import DEFAULT_EMBEDDER
+
     store = open_store(None, milvus_uri, collection)
-    if not store.sources:
+    wanted = embedder.name if embedder is not None else embedding_model or DEFAULT_EMBEDDER
+    if store.sources:
+        if not _built_by_old_default(store.embedder_name, store.config, wanted):
+            return
+        if set(store.sources) != bundled_sources():
+            print(f"note: the knowledge base {store.location} was built {_MINILM}; `python -m knowledge build DOCS "
+                  f"--milvus-uri {milvus_uri}` rebuilds it with {wanted}.", file=sys.stderr, flush=True)
+            return
+        print(f"Refilling {store.location} with {wanted} (it was built {_MINILM}; once)...", file=sys.stderr,
+              flush=True)
+        store = open_store(None, milvus_uri, collection, fresh=True)  # replaced with its first write, not before
+    else:
         print(f"Filling {store.location} from the bundled documents (first use only)...", file=sys.stderr, flush=True)
-        for line in store.add([BUNDLED_CORPUS], Embedder(embedding_model), progress=False).lines():
-            print(line, file=sys.stderr)
+    for line in store.add([BUNDLED_CORPUS], embedder or Embedder(embedding_model), progress=False).lines():
+        print(line, file=sys.stderr)
+
+
+_MINILM = "with all-MiniLM-L6-v2, which reads English only, so Chinese questions are matched by their words alone"
+
+
+def _built_by_old_default(embedder_name: str, config: KnowledgeConfig, wanted: str) -> bool:
+    """Whether a knowledge base was built with all-MiniLM-L6-v2 as an earlier version's default (MiniLM named by the
+    user, e.g. --embedding-model all-MiniLM-L6-v2, is a choice that stands)."""
+    from knowledge.embedder import EMBEDDED_NAME
+
+    return embedder_name == EMBEDDED_NAME and not config.embedding_model and wanted != EMBEDDED_NAME
 
 
 def default_index(folder: Path | None = None, embedder: Embedder | None = None,
@@ -242,20 +269,18 @@ def default_index(folder: Path | None = None, embedder: Embedder | None = None,
     documents and nothing else (nothing is lost: Chinese questions then find passages by meaning, and a question
     that paraphrases one sentence finds its passage); one the user changed is kept as it is, with a note."""
     from knowledge.embedded import KnowledgeBase
-    from knowledge.embedder import DEFAULT_EMBEDDER, EMBEDDED_NAME
+    from knowledge.embedder import DEFAULT_EMBEDDER
 
     folder = Path(folder or index_dir()).expanduser()
     if (folder / "CURRENT").is_file():
         kb = KnowledgeBase.open(folder)
         wanted = embedder.name if embedder is not None else embedding_model or DEFAULT_EMBEDDER
-        # (MiniLM named by the user, e.g. --embedding-model all-MiniLM-L6-v2, is a choice that stands)
-        minilm = kb.embedder_name == EMBEDDED_NAME and not kb.config.embedding_model and wanted != EMBEDDED_NAME
+        minilm = _built_by_old_default(kb.embedder_name, kb.config, wanted)
         unsentenced = kb.config.sentence_vectors and any(segment.units is None for segment in kb.state.segments)
         if not (minilm or unsentenced):
             return folder
-        why = (f"with {EMBEDDED_NAME}, which reads English only, so Chinese questions are matched by their words "
-               "alone" if minilm else "without sentence vectors, so a question that paraphrases one sentence of a "
-               "long passage may miss it")
+        why = _MINILM if minilm else ("without sentence vectors, so a question that paraphrases one sentence of a "
+                                      "long passage may miss it")
         if set(kb.sources) != bundled_sources():
             print(f"note: the knowledge base in {folder} was built {why}; `python -m knowledge build DOCS --index "
                   f"{folder}` rebuilds it with {wanted}.", file=sys.stderr, flush=True)

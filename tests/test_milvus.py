@@ -8,11 +8,13 @@ import json
 import httpx
 import pytest
 
+from knowledge.embedder import EMBEDDED_NAME
 from knowledge.milvus import MilvusStore
 from knowledge.retriever import Retriever
-from knowledge.store import IndexError_, open_store
+from knowledge.store import IndexError_, bundled_sources, default_collection, open_store
 from tests.docs import DOCS, write_docs
 from tests.test_retriever import run_cli
+from tests.tiny import TinyEmbedder
 
 
 def texts(store: MilvusStore, query: str) -> list[str]:
@@ -68,6 +70,27 @@ def test_build_replaces_and_the_embedder_is_kept(tmp_path, docs, tiny_embedder):
 
     with pytest.raises(IndexError_, match="built with the embedder 'tiny-hash'"):
         MilvusStore.open(uri).add([docs / "lora.md"], Other(), progress=False)
+
+
+def test_a_default_collection_filled_with_minilm_is_refilled_once_unless_the_user_changed_it(tmp_path, capsys):
+    class OldDefault(TinyEmbedder):  # stands in for all-MiniLM-L6-v2, the default embedder before bilingual
+        name = EMBEDDED_NAME
+
+    untouched, changed = str(tmp_path / "untouched.db"), str(tmp_path / "changed.db")
+    for uri in (untouched, changed):
+        default_collection(uri, "knowledge", embedder=OldDefault())
+    assert "Filling" in capsys.readouterr().err
+    MilvusStore.open(changed).remove(["en/lora.md"])
+    default_collection(untouched, "knowledge", embedder=TinyEmbedder())
+    assert "Refilling" in capsys.readouterr().err
+    refilled = MilvusStore.open(untouched, create=False)
+    assert refilled.embedder_name == TinyEmbedder.name and set(refilled.sources) == bundled_sources()
+    default_collection(untouched, "knowledge", embedder=TinyEmbedder())
+    assert capsys.readouterr().err == "", "once"
+    default_collection(changed, "knowledge", embedder=TinyEmbedder())
+    assert "rebuilds it with tiny-hash" in capsys.readouterr().err
+    kept = MilvusStore.open(changed, create=False)
+    assert kept.embedder_name == EMBEDDED_NAME and "en/lora.md" not in kept.sources, "what the user did is kept"
 
 
 @pytest.mark.slow
