@@ -1,14 +1,17 @@
-"""The injection filter on code, and a second look at what it flags (measured, not shipped): one command, one table.
+"""The injection filter's recheck at every threshold, and at other regularisations: one command, one table.
 
     python benchmarks/injection_recheck.py          # about 25 minutes on 2 CPU cores (the corpora take most)
-    python benchmarks/injection_recheck.py --no-external
+    python benchmarks/injection_recheck.py --no-external --C 1
+
+The shipped recheck (chatbot/heads/injection_recheck.json) is written by `python -m chatbot.safety_train --head
+recheck` with the threshold marked "chosen" here; this shows what the other thresholds would trade.
 
 The shipped filter (chatbot/heads/injection*.json, README "Safety") removes too much of the code in programming
 tutorials: `println!` lines with prose strings, JSON, comments. The recheck is a logistic regression on the
 filter's own vectors that must confirm each sentence the filter flags, trained on the filter's train split plus
 code as ordinary text (and as planted instructions where they hide in it): code and data installed on this machine
-(`installed_code` below: read, never copied) and the code sentences written for it
-(`chatbot/safety_data/not_trained/injection4.code.jsonl`); both are split like the rest (by file, by family).
+(`chatbot.safety_train.installed_code`: read, never copied) and the code sentences written for it
+(`chatbot/safety_data/recheck_code.jsonl`); both are split like the rest (by file, by family).
 
 Printed for each recheck threshold: planted instructions caught (patterns, or the head confirmed) on the
 validation and test splits, the ordinary code lines removed, and the share of each evaluation corpus's sentences
@@ -31,62 +34,19 @@ if str(ROOT) not in sys.path:  # run as a script
 
 from chatbot.grounding import looks_like_injection  # noqa: E402
 from chatbot.safety import INJECTION_DELTA, INJECTION_HEAD, Head  # noqa: E402
-from chatbot.safety_train import DATA, assign_splits, external_sentences, injection_rows, split_of  # noqa: E402
+from chatbot.safety_train import RECHECK_C, RECHECK_THRESHOLDS, external_sentences, fit_recheck, recheck_rows  # noqa: E402
 from knowledge.e5_torch import E5Encoder  # noqa: E402
-from knowledge.evaluate import read_jsonl  # noqa: E402
 
-WRITTEN_CODE = DATA / "not_trained" / "injection4.code.jsonl"
-INSTALLED = ("/usr/include/**/*.h", "/usr/share/**/*.json", "/usr/share/**/*.js", "/usr/bin/*")
-FILES, PER_FILE = 80, 8  # installed files of each kind (every n-th of those found), sentences from each
-THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
-
-
-def installed_code(patterns: tuple[str, ...] = INSTALLED, files: int = FILES, per_file: int = PER_FILE
-                   ) -> dict[str, list[str]]:
-    """file → some of its "sentences" as a passage of it would be split: code, comments, configuration and data
-    installed here, none of it an instruction to an assistant; every n-th readable text file of each kind."""
-    import glob
-
-    from knowledge.chunking import split_sentences
-
-    chosen: list[str] = []
-    for pattern in patterns:
-        found = sorted(path for path in glob.glob(pattern, recursive=True)
-                       if Path(path).is_file() and Path(path).stat().st_size < 100_000)
-        chosen += found[::max(1, len(found) // files)][:files]
-    sentences = {}
-    for path in sorted(set(chosen)):
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        blocks = [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
-        lines = [s for block in blocks for s in split_sentences(block) if len(s) >= 12]
-        if lines:
-            sentences[path] = lines[::max(1, len(lines) // per_file)][:per_file]
-    return sentences
-
-
-def labelled_rows() -> list[dict]:
-    rows = injection_rows()
-    files = installed_code()
-    names = sorted(files)
-    rows += [{"text": s, "language": "", "instruction": False, "split": split_of(name, names),
-              "kind": "installed code"} for name in names for s in files[name]]
-    written = [row | {"kind": "written code"} for row in read_jsonl(WRITTEN_CODE)]
-    assign_splits(written, "instruction")
-    return rows + written
+THRESHOLDS = RECHECK_THRESHOLDS
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sklearn.linear_model import LogisticRegression
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--C", type=float, default=10.0, help="the logistic regression's inverse regularisation")
+    parser.add_argument("--C", type=float, default=RECHECK_C, help="the logistic regression's inverse regularisation")
     parser.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                         help="also count the sentences removed from the evaluation corpora the project did not write")
     args = parser.parse_args(argv)
-    rows = labelled_rows()
+    rows = recheck_rows()
     texts = [r["text"] for r in rows]
     labels = np.array([int(r["instruction"]) for r in rows])
     split = np.array([r["split"] for r in rows])
@@ -96,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     vectors = encoder.queries(texts)
     patterns = np.array([looks_like_injection(t) for t in texts])
     flagged = injection.probabilities(vectors)[:, 1] >= injection.threshold
-    model = LogisticRegression(C=args.C, max_iter=5000).fit(vectors[split == "train"], labels[split == "train"])
-    confirm = model.predict_proba(vectors)[:, 1]
+    recheck = fit_recheck(vectors[split == "train"], labels[split == "train"], encoder.name, args.C)
+    confirm = recheck.probabilities(vectors)[:, 1]
     external = {}
     for name, sentences in (external_sentences() if args.external else {}).items():
         print(f"embedding the {len(sentences)} sentences of {name} ...", file=sys.stderr, flush=True)
         found = encoder.queries(sentences)
         flags = injection.probabilities(found)[:, 1] >= injection.threshold
         external[name] = (len(sentences), np.array([looks_like_injection(s) for s in sentences]), flags,
-                          model.predict_proba(found)[:, 1])
+                          recheck.probabilities(found)[:, 1])
 
     def removed(threshold: float | None, pattern: np.ndarray, flag: np.ndarray, confirmed: np.ndarray) -> np.ndarray:
         return pattern | flag if threshold is None else pattern | (flag & (confirmed >= threshold))

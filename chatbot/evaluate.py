@@ -12,8 +12,8 @@
 - safety: refusal and false-refusal rates of the whole check (`chatbot.safety`: patterns and the harm head) on the
   three older sets (see that module; `python -m chatbot.safety_train` reports the head's own splits);
 - injection filter: planted instructions caught and ordinary sentences removed by the patterns
-  (`chatbot.grounding.looks_like_injection`) and the injection head, on chatbot/eval/injection*.jsonl and on every
-  sentence of the bundled corpus (none of which is an instruction).
+  (`chatbot.grounding.looks_like_injection`) and the injection head with its recheck, on
+  chatbot/eval/injection*.jsonl and on every sentence of the bundled corpus (none of which is an instruction).
 
 The answers are the default model's: extractive quotes, so no text is generated and the figures are exact.
 """
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             row = figures[language]
             print(f"| {name} | {language} | {row['harmful']} | {row['refused']:.0%} | {row['benign']} | "
                   f"{row['false_refusals']:.0%} |")
-    print("\nInjection filter (chatbot.grounding: patterns and the injection head)\n\n| set | planted instructions | "
-          "caught | ordinary sentences | removed |\n|---|---|---|---|---|")
+    print("\nInjection filter (chatbot.grounding: patterns, the injection head and its recheck)\n\n| set | planted "
+          "instructions | caught | ordinary sentences | removed |\n|---|---|---|---|---|")
 
     def removed(sentences: list[str]) -> int:
         return sum(p or h for p, h in zip(map(looks_like_injection, sentences), learned.instructions(sentences),

@@ -40,6 +40,7 @@ HARM_HEAD = Path(__file__).resolve().parent / "heads" / "harm.json"  # written b
 HARM_DELTA = HARM_HEAD.with_name("harm_encoder.safetensors")  # the encoder's tuned changes (knowledge.e5_torch)
 INJECTION_HEAD = Path(__file__).resolve().parent / "heads" / "injection.json"
 INJECTION_DELTA = INJECTION_HEAD.with_name("injection_encoder.safetensors")
+RECHECK_HEAD = INJECTION_HEAD.with_name("injection_recheck.json")  # must confirm the filter's flags (code, mostly)
 MAX_VERDICTS = 100_000  # sentences whose injection verdict is kept (a few MB)
 
 # Who or what the request is aimed at, and whether it is meant to stay hidden.
@@ -272,14 +273,16 @@ class Head:
 
 class Learned:
     """The learned layer: multilingual-e5-small tuned into two classifiers, each with its head, for what a user asks
-    (`judge`: `harm_embedder`, `harm`) and what a document says (`instructions`: `embedder`, `injection`)."""
+    (`judge`: `harm_embedder`, `harm`) and what a document says (`instructions`: `embedder`, `injection`, and where
+    there is one a `recheck` over the same vectors that must confirm each sentence the injection head flags)."""
 
-    def __init__(self, embedder, harm: Head, injection: Head, harm_embedder=None):
+    def __init__(self, embedder, harm: Head, injection: Head, harm_embedder=None, recheck: Head | None = None):
         self.harm_embedder = harm_embedder or embedder
-        for head, model in ((harm, self.harm_embedder), (injection, embedder)):
+        heads = [(harm, self.harm_embedder), (injection, embedder)] + ([(recheck, embedder)] if recheck else [])
+        for head, model in heads:
             if head.embedder != model.name:
                 raise ValueError(f"a safety head was trained on {head.embedder}, not {model.name}")
-        self.embedder, self.harm, self.injection = embedder, harm, injection
+        self.embedder, self.harm, self.injection, self.recheck = embedder, harm, injection, recheck
         # Sentence → verdict: a passage costs 60-90 ms to screen here (benchmarks/safety.py), and the passages of a
         # knowledge base come back again and again. Bounded; the oldest verdicts go first.
         self.verdicts: dict[str, bool] = {}
@@ -298,13 +301,21 @@ class Learned:
         """Which sentences of a document address the assistant (prompt injection)."""
         with self.lock:
             new = [s for s in dict.fromkeys(sentences) if s not in self.verdicts]
-        flags = self.injection.flagged(self.embedder.queries(new)) if new else []
+        flags = self.screen(self.embedder.queries(new)) if new else []
         with self.lock:
             for sentence, flag in zip(new, flags, strict=True):
-                self.verdicts[sentence] = flag is not None
+                self.verdicts[sentence] = flag
             while len(self.verdicts) > MAX_VERDICTS:
                 self.verdicts.pop(next(iter(self.verdicts)))
             return [self.verdicts.get(s, False) for s in sentences]
+
+    def screen(self, vectors: np.ndarray) -> list[bool]:
+        """The injection head's flags on these vectors, each confirmed by the recheck where there is one."""
+        flags = [flag is not None for flag in self.injection.flagged(vectors)]
+        if self.recheck is None:
+            return flags
+        confirmed = self.recheck.flagged(vectors)
+        return [flag and again is not None for flag, again in zip(flags, confirmed, strict=True)]
 
 
 @cache
@@ -315,7 +326,8 @@ def load_learned() -> Learned:
     encoders = E5Encoder.load(delta=INJECTION_DELTA), E5Encoder.load(delta=HARM_DELTA)
     for encoder in encoders:
         encoder.serve()  # one thread each, their own: a message costs the same while an answer is generated
-    return Learned(encoders[0], Head.read(HARM_HEAD), Head.read(INJECTION_HEAD), encoders[1])
+    recheck = Head.read(RECHECK_HEAD) if RECHECK_HEAD.exists() else None
+    return Learned(encoders[0], Head.read(HARM_HEAD), Head.read(INJECTION_HEAD), encoders[1], recheck)
 
 
 class SafetyGuard:

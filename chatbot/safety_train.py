@@ -2,8 +2,9 @@
 to chatbot/heads/: the harm classifier (what a user asks: safe, harmful, self-harm) and the injection filter (what a
 document says: ordinary, or an instruction planted for the assistant).
 
-    python -m chatbot.safety_train                  # both, about an hour on 2 CPU cores
-    python -m chatbot.safety_train --head harm      # one of them
+    python -m chatbot.safety_train                  # all three, about 1.5 hours on 2 CPU cores
+    python -m chatbot.safety_train --head harm      # one of them (injection: retrain its recheck after it)
+    python -m chatbot.safety_train --head recheck   # the injection filter's recheck alone, about 25 minutes
 
 Data, written for this project (chatbot/safety_data/, README "Safety" says what is in it): requests in English and
 Chinese labelled safe, harmful or self-harm, each with the intent it phrases; sentences labelled planted instruction
@@ -21,6 +22,13 @@ sentences are removed (patterns or head). The patterns (chatbot.safety, chatbot.
 unseen sets and the sentences of the evaluation corpora the project did not write (knowledge.eval.external: pydoc,
 rust-zh, man-zh, cargo, vim-zh, where installed) are scored once, with that choice; the figures go into the head's
 file and are printed.
+
+The injection filter's recheck (chatbot/heads/injection_recheck.json) is a logistic regression on the tuned filter's
+own vectors that must confirm each sentence the filter flags: the filter mistakes code with prose comments and
+strings for instructions. It is trained on the filter's train split plus code as ordinary text (code and data
+installed on this machine, split by file; code lines written for it, chatbot/safety_data/recheck_code.jsonl, with
+planted instructions hidden in comments, strings and markup, split by family); its threshold is the highest that
+loses none of the validation planted instructions the filter catches alone.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.grounding import looks_like_injection
-from chatbot.safety import HARM_DELTA, HARM_HEAD, INJECTION_DELTA, INJECTION_HEAD, Head, judge
+from chatbot.safety import HARM_DELTA, HARM_HEAD, INJECTION_DELTA, INJECTION_HEAD, RECHECK_HEAD, Head, judge
 from chatbot.safety_tune import EPOCHS, save_delta, tune
 from knowledge.chunking import chunk_document, split_sentences
 from knowledge.e5_torch import E5Encoder
@@ -53,6 +61,12 @@ MAX_CATALOG_REMOVED = 0.0  # the interface messages of the validation catalogs: 
 CATALOGS = Path("/usr/share/locale/zh_CN/LC_MESSAGES")  # gettext catalogs installed here: Chinese interface texts
 PER_CATALOG = 40  # messages taken from each (about 3,000 in all: embedding them takes a minute or two)
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.01), 2)
+RECHECK_CODE = DATA / "recheck_code.jsonl"  # code lines written for the recheck (ordinary, and planted instructions)
+INSTALLED = ("/usr/include/**/*.h", "/usr/share/**/*.json", "/usr/share/**/*.js", "/usr/bin/*")
+FILES, PER_FILE = 80, 8  # installed files of each kind (every n-th of those found), sentences from each
+RECHECK_C = 10.0  # the recheck's inverse regularisation (benchmarks/injection_recheck.py compares others)
+RECHECK_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+CODE_KINDS = ("written code", "installed code")
 
 
 def split_of(intent: str, members: list[str]) -> str:
@@ -255,18 +269,26 @@ def injection_rows() -> list[dict]:
 
 
 def injection_layers(head: Head, vectors: np.ndarray, texts: list[str], threshold: float | None = None,
-                     patterns: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                     patterns: np.ndarray | None = None, recheck: Head | None = None) -> dict[str, np.ndarray]:
+    """What removes each sentence: the patterns, the head, either ("both"); with a recheck, also the head's flags
+    it confirms ("confirmed") and the patterns or those ("with recheck": what serving removes)."""
     patterns = np.array([looks_like_injection(t) for t in texts]) if patterns is None else patterns
     learned = head.probabilities(vectors)[:, 1] >= (head.threshold if threshold is None else threshold)
-    return {"patterns": patterns, "head": learned, "both": patterns | learned}
+    layers = {"patterns": patterns, "head": learned, "both": patterns | learned}
+    if recheck is not None:
+        confirmed = learned & (recheck.probabilities(vectors)[:, 1] >= recheck.threshold)
+        layers |= {"confirmed": confirmed, "with recheck": patterns | confirmed}
+    return layers
 
 
 def injection_figures(layers: dict[str, np.ndarray], rows: list[dict], chosen: list[int]) -> dict:
     groups = {"planted": [i for i in chosen if rows[i]["instruction"]],
               "ordinary": [i for i in chosen if not rows[i]["instruction"]
-                           and rows[i]["kind"] not in ("corpus", "catalog")],
+                           and rows[i]["kind"] not in ("corpus", "catalog", *CODE_KINDS)],
               "bundled corpus": [i for i in chosen if rows[i]["kind"] == "corpus"],
               "interface messages": [i for i in chosen if rows[i]["kind"] == "catalog"]}
+    groups |= {kind: [i for i in chosen if rows[i]["kind"] == kind and not rows[i]["instruction"]]
+               for kind in CODE_KINDS}
     return {name: by_layer(layers, rows, members) for name, members in groups.items() if members}
 
 
@@ -338,21 +360,119 @@ def external_sentences() -> dict[str, list[str]]:
     return found
 
 
-def external_corpora(head: Head, embedder: E5Encoder) -> dict:
+def external_corpora(head: Head, embedder: E5Encoder, recheck: Head | None = None) -> dict:
     """Sentences removed from each evaluation corpus the project did not write (none is a planted instruction)."""
     figures = {}
     for name, texts in external_sentences().items():
         print(f"embedding the {len(texts)} sentences of {name} ...", file=sys.stderr, flush=True)
         rows = [{"language": "", "instruction": False, "kind": "corpus"} for _ in texts]
-        layers = injection_layers(head, embedder.queries(texts), texts)
+        layers = injection_layers(head, embedder.queries(texts), texts, recheck=recheck)
         figures[name] = {"corpus": by_layer(layers, rows, list(range(len(rows))))}
+    return figures
+
+
+# ----- the injection filter's recheck --------------------------------------------------------------------------
+def installed_code(patterns: tuple[str, ...] = INSTALLED, files: int = FILES, per_file: int = PER_FILE
+                   ) -> dict[str, list[str]]:
+    """file → some of its "sentences" as a passage of it would be split: code, comments, configuration and data
+    installed here, none of it an instruction to an assistant; every n-th readable text file of each kind."""
+    import glob
+
+    chosen: list[str] = []
+    for pattern in patterns:
+        found = sorted(path for path in glob.glob(pattern, recursive=True)
+                       if Path(path).is_file() and Path(path).stat().st_size < 100_000)
+        chosen += found[::max(1, len(found) // files)][:files]
+    sentences = {}
+    for path in sorted(set(chosen)):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        blocks = [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
+        lines = [s for block in blocks for s in split_sentences(block) if len(s) >= 12]
+        if lines:
+            sentences[path] = lines[::max(1, len(lines) // per_file)][:per_file]
+    return sentences
+
+
+def recheck_rows() -> list[dict]:
+    """The injection filter's rows, and code as ordinary text: installed here (split by file) and written for the
+    recheck (RECHECK_CODE: ordinary lines and planted instructions, split by family)."""
+    rows = injection_rows()
+    files = installed_code()
+    names = sorted(files)
+    rows += [{"text": s, "language": "", "instruction": False, "split": split_of(name, names),
+              "kind": "installed code"} for name in names for s in files[name]]
+    written = [row | {"kind": "written code"} for row in read_jsonl(RECHECK_CODE)]
+    assign_splits(written, "instruction")
+    return rows + written
+
+
+def fit_recheck(vectors: np.ndarray, labels: np.ndarray, name: str, c: float = RECHECK_C) -> Head:
+    """A logistic regression on the filter's vectors, as a two-class head (threshold 0.5 until one is chosen)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=c, max_iter=5000).fit(vectors, labels)
+    w, b = model.coef_[0].astype(np.float32), float(model.intercept_[0])
+    # softmax over (-z/2, z/2) is the logistic sigmoid of z = w·x + b
+    return Head(("ordinary", "instruction"), np.stack([-w / 2, w / 2]), np.array([-b / 2, b / 2], np.float32), 0.5,
+                name)
+
+
+def choose_recheck(layers_at, planted: list[int]) -> float | None:
+    """The highest recheck threshold at which the filter keeps every validation planted instruction it catches
+    alone (None: none does); `layers_at(threshold)` gives injection_layers with the recheck at it."""
+    def caught(threshold: float) -> int:
+        return int(layers_at(threshold)["with recheck"][planted].sum())
+
+    alone = int(layers_at(float(RECHECK_THRESHOLDS[0]))["both"][planted].sum())
+    return max((float(t) for t in RECHECK_THRESHOLDS if caught(float(t)) == alone), default=None)
+
+
+def train_recheck(external: bool) -> dict:
+    """Fit the recheck on the train split's vectors (the shipped filter's encoder), choose its threshold on the
+    validation split, score the test split and the report-only sets once, and write what serving loads."""
+    rows = recheck_rows()
+    texts = [r["text"] for r in rows]
+    labels = np.array([int(r["instruction"]) for r in rows])
+    split = parts(rows)
+    encoder, injection = E5Encoder.load(delta=INJECTION_DELTA), Head.read(INJECTION_HEAD)
+    print(f"embedding {len(rows)} labelled sentences ...", file=sys.stderr, flush=True)
+    vectors = encoder.queries(texts)
+    patterns = np.array([looks_like_injection(t) for t in texts])
+    recheck = fit_recheck(vectors[split["train"]], labels[split["train"]], encoder.name)
+
+    def layers_at(threshold: float) -> dict[str, np.ndarray]:
+        return injection_layers(injection, vectors, texts, patterns=patterns, recheck=Head(
+            recheck.classes, recheck.weights, recheck.bias, threshold, recheck.embedder))
+
+    threshold = choose_recheck(layers_at, [i for i in split["validation"] if labels[i]])
+    if threshold is None:
+        raise SystemExit("no recheck threshold keeps the validation planted instructions: nothing written")
+    print(f"validation: recheck threshold {threshold:.2f}", file=sys.stderr)
+    recheck = Head(recheck.classes, recheck.weights, recheck.bias, threshold, recheck.embedder)
+    layers = layers_at(threshold)
+    figures = {name: injection_figures(layers, rows, split[name]) for name in ("validation", "test")}
+    unseen = [row | {"kind": "unseen"} for row in read_jsonl(EVAL / "injection_unseen.jsonl")]
+    unseen_texts = [r["text"] for r in unseen]
+    figures["injection_unseen.jsonl"] = injection_figures(
+        injection_layers(injection, encoder.queries(unseen_texts), unseen_texts, recheck=recheck), unseen,
+        list(range(len(unseen))))
+    if external:
+        figures |= external_corpora(injection, encoder, recheck)
+    recheck.write(RECHECK_HEAD, C=RECHECK_C, split={name: len(split[name]) for name in split}, figures=figures,
+                  trained_on="the injection filter's vectors (" + INJECTION_DELTA.name + ") of its train split, "
+                             f"and as code the train files of {', '.join(INSTALLED)} and the train families of "
+                             "chatbot/safety_data/" + RECHECK_CODE.name)
     return figures
 
 
 # ----- the command ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.safety_train", description=__doc__.split("\n")[0])
-    parser.add_argument("--head", choices=("harm", "injection", "both"), default="both")
+    parser.add_argument("--head", choices=("harm", "injection", "recheck", "both"), default="both",
+                        help="both: harm, then injection and its recheck")
     parser.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                         help="also count the sentences removed from the evaluation corpora the project did not write")
     parser.add_argument("--seed", type=int, default=0, help="harm: the tuning's random seed")
@@ -361,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         print_harm(train_harm(args.seed))
     if args.head in ("injection", "both"):
         print_injection(train_injection(args.external))
+    if args.head in ("recheck", "both"):
+        print_recheck(train_recheck(args.external))
     return 0
 
 
@@ -393,6 +515,26 @@ def print_injection(figures: dict) -> None:
                  for group in ("planted", "ordinary", "interface messages")]
         corpus = table.get("bundled corpus") or table.get("corpus")
         cells.append(cell(corpus, layers, "all") if corpus else "–")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+
+def print_recheck(figures: dict) -> None:
+    print("\nInjection filter with its recheck (chatbot/heads/injection_recheck.json): sentences removed by the "
+          "patterns or the filter alone / with the recheck confirming the filter's flags\n")
+    groups = ("planted", "ordinary", "written code", "installed code", "interface messages")
+    print("| set | planted instructions | ordinary sentences (hand-written) | code written for it | code installed "
+          "here | interface messages | corpus sentences |\n|---|---|---|---|---|---|---|")
+    for name, table in figures.items():
+        cells = [cell(table[group], ("both", "with recheck"), "all") if group in table else "–"
+                 for group in groups]
+        corpus = table.get("bundled corpus") or table.get("corpus")
+        if corpus and name not in ("validation", "test", "injection_unseen.jsonl"):
+            n = corpus["both"]["all"]["n"]
+            cells.append(" / ".join(f"{corpus[layer]['all']['flagged'] / n:.2%}" for layer in ("both", "with recheck"))
+                         + f" of {n}")
+        else:
+            cells.append(cell(corpus, ("both", "with recheck"), "all") if corpus else "–")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
