@@ -311,11 +311,10 @@ class Learned:
 
     def screen(self, vectors: np.ndarray) -> list[bool]:
         """The injection head's flags on these vectors, each confirmed by the recheck where there is one."""
-        flags = [flag is not None for flag in self.injection.flagged(vectors)]
-        if self.recheck is None:
-            return flags
-        confirmed = self.recheck.flagged(vectors)
-        return [flag and again is not None for flag, again in zip(flags, confirmed, strict=True)]
+        flags = self.injection.probabilities(vectors)[:, 1] >= self.injection.threshold
+        if self.recheck is not None:
+            flags &= self.recheck.probabilities(vectors)[:, 1] >= self.recheck.threshold
+        return flags.tolist()
 
 
 @cache

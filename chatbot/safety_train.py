@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -444,14 +445,14 @@ def train_recheck(external: bool) -> dict:
     recheck = fit_recheck(vectors[split["train"]], labels[split["train"]], encoder.name)
 
     def layers_at(threshold: float) -> dict[str, np.ndarray]:
-        return injection_layers(injection, vectors, texts, patterns=patterns, recheck=Head(
-            recheck.classes, recheck.weights, recheck.bias, threshold, recheck.embedder))
+        return injection_layers(injection, vectors, texts, patterns=patterns,
+                                recheck=replace(recheck, threshold=threshold))
 
     threshold = choose_recheck(layers_at, [i for i in split["validation"] if labels[i]])
     if threshold is None:
         raise SystemExit("no recheck threshold keeps the validation planted instructions: nothing written")
     print(f"validation: recheck threshold {threshold:.2f}", file=sys.stderr)
-    recheck = Head(recheck.classes, recheck.weights, recheck.bias, threshold, recheck.embedder)
+    recheck = replace(recheck, threshold=threshold)
     layers = layers_at(threshold)
     figures = {name: injection_figures(layers, rows, split[name]) for name in ("validation", "test")}
     unseen = [row | {"kind": "unseen"} for row in read_jsonl(EVAL / "injection_unseen.jsonl")]
@@ -518,7 +519,6 @@ def print_injection(figures: dict) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-
 def print_recheck(figures: dict) -> None:
     print("\nInjection filter with its recheck (chatbot/heads/injection_recheck.json): sentences removed by the "
           "patterns or the filter alone / with the recheck confirming the filter's flags\n")
@@ -528,12 +528,13 @@ def print_recheck(figures: dict) -> None:
     for name, table in figures.items():
         cells = [cell(table[group], ("both", "with recheck"), "all") if group in table else "–"
                  for group in groups]
-        corpus = table.get("bundled corpus") or table.get("corpus")
-        if corpus and name not in ("validation", "test", "injection_unseen.jsonl"):
+        if "corpus" in table:  # an evaluation corpus: its share removed
+            corpus = table["corpus"]
             n = corpus["both"]["all"]["n"]
             cells.append(" / ".join(f"{corpus[layer]['all']['flagged'] / n:.2%}" for layer in ("both", "with recheck"))
                          + f" of {n}")
         else:
+            corpus = table.get("bundled corpus")
             cells.append(cell(corpus, ("both", "with recheck"), "all") if corpus else "–")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
