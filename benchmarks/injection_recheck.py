@@ -11,7 +11,8 @@ tutorials: `println!` lines with prose strings, JSON, comments. The recheck is a
 filter's own vectors that must confirm each sentence the filter flags, trained on the filter's train split plus
 code as ordinary text (and as planted instructions where they hide in it): code and data installed on this machine
 (`chatbot.safety_train.installed_code`: read, never copied) and the code sentences written for it
-(`chatbot/safety_data/recheck_code.jsonl`); both are split like the rest (by file, by family).
+(`chatbot/safety_data/recheck_code.jsonl`), with the prose written for it (`recheck_prose.*.jsonl`: tutorials,
+notices, prompts, exercises); all split like the rest (by file, by family).
 
 Printed for each recheck threshold: planted instructions caught (patterns, or the head confirmed) on the
 validation and test splits, the ordinary code lines removed, and the share of each evaluation corpus's sentences
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for threshold in (None, *THRESHOLDS):
         gone = removed(threshold, patterns, flagged, confirm)
-        label = "none (shipped)" if threshold is None else f"{threshold:.2f}" + (" (chosen)" if threshold == chosen
+        label = "none (the filter alone)" if threshold is None else f"{threshold:.2f}" + (" (chosen)" if threshold == chosen
                                                                                  else "")
         cells = [label, *(f"{gone[planted[s]].sum()} of {planted[s].sum()}" for s in ("validation", "test"))]
         cells += [" / ".join(f"{gone[code[s, k]].sum()} of {code[s, k].sum()}" for s in ("validation", "test"))

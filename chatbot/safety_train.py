@@ -27,7 +27,9 @@ The injection filter's recheck (chatbot/heads/injection_recheck.json) is a logis
 own vectors that must confirm each sentence the filter flags: the filter mistakes code with prose comments and
 strings for instructions. It is trained on the filter's train split plus code as ordinary text (code and data
 installed on this machine, split by file; code lines written for it, chatbot/safety_data/recheck_code.jsonl, with
-planted instructions hidden in comments, strings and markup, split by family); its threshold is the highest that
+planted instructions hidden in comments, strings and markup, split by family) and prose written for it
+(recheck_prose.*.jsonl: tutorials, references, notices, prompts, exercises, with planted instructions in the same
+framings, split by family); its threshold is the highest that
 loses none of the validation planted instructions the filter catches alone.
 """
 
@@ -63,6 +65,8 @@ CATALOGS = Path("/usr/share/locale/zh_CN/LC_MESSAGES")  # gettext catalogs insta
 PER_CATALOG = 40  # messages taken from each (about 3,000 in all: embedding them takes a minute or two)
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.01), 2)
 RECHECK_CODE = DATA / "recheck_code.jsonl"  # code lines written for the recheck (ordinary, and planted instructions)
+# tutorial and reference prose, notices, prompts, exercises ... written for the recheck (ordinary, and planted)
+RECHECK_PROSE = sorted(DATA.glob("recheck_prose.*.jsonl"))
 INSTALLED = ("/usr/include/**/*.h", "/usr/share/**/*.json", "/usr/share/**/*.js", "/usr/bin/*")
 FILES, PER_FILE = 80, 8  # installed files of each kind (every n-th of those found), sentences from each
 RECHECK_C = 10.0  # the recheck's inverse regularisation (benchmarks/injection_recheck.py compares others)
@@ -398,8 +402,9 @@ def installed_code(patterns: tuple[str, ...] = INSTALLED, files: int = FILES, pe
 
 
 def recheck_rows() -> list[dict]:
-    """The injection filter's rows, and code as ordinary text: installed here (split by file) and written for the
-    recheck (RECHECK_CODE: ordinary lines and planted instructions, split by family)."""
+    """The injection filter's rows; code as ordinary text, installed here (split by file) and written for the
+    recheck (RECHECK_CODE: ordinary lines and planted instructions, split by family); and the prose written for it
+    (RECHECK_PROSE, split by family among itself)."""
     rows = injection_rows()
     files = installed_code()
     names = sorted(files)
@@ -407,7 +412,10 @@ def recheck_rows() -> list[dict]:
               "kind": "installed code"} for name in names for s in files[name]]
     written = [row | {"kind": "written code"} for row in read_jsonl(RECHECK_CODE)]
     assign_splits(written, "instruction")
-    return rows + written
+    prose = [row | {"kind": "instruction" if row["instruction"] else "ordinary", "batch": "recheck prose"}
+             for path in RECHECK_PROSE for row in read_jsonl(path)]
+    assign_splits(prose, "kind")
+    return rows + written + prose
 
 
 def fit_recheck(vectors: np.ndarray, labels: np.ndarray, name: str, c: float = RECHECK_C) -> Head:
@@ -464,8 +472,8 @@ def train_recheck(external: bool) -> dict:
         figures |= external_corpora(injection, encoder, recheck)
     recheck.write(RECHECK_HEAD, C=RECHECK_C, split={name: len(split[name]) for name in split}, figures=figures,
                   trained_on="the injection filter's vectors (" + INJECTION_DELTA.name + ") of its train split, "
-                             f"and as code the train files of {', '.join(INSTALLED)} and the train families of "
-                             "chatbot/safety_data/" + RECHECK_CODE.name)
+                             f"and as code the train files of {', '.join(INSTALLED)}; and the train families of "
+                             "chatbot/safety_data/recheck_code.jsonl and recheck_prose.*.jsonl")
     return figures
 
 
