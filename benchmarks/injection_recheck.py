@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for threshold in (None, *THRESHOLDS):
         gone = removed(threshold, patterns, flagged, confirm)
-        label = "none (the filter alone)" if threshold is None else f"{threshold:.2f}" + (" (chosen)" if threshold == chosen
-                                                                                 else "")
+        label = ("none (the filter alone)" if threshold is None
+                 else f"{threshold:.2f}" + (" (chosen)" if threshold == chosen else ""))
         cells = [label, *(f"{gone[planted[s]].sum()} of {planted[s].sum()}" for s in ("validation", "test"))]
         cells += [" / ".join(f"{gone[code[s, k]].sum()} of {code[s, k].sum()}" for s in ("validation", "test"))
                   for k in ("written code", "installed code")]
