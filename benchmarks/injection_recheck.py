@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,16 @@ if str(ROOT) not in sys.path:  # run as a script
 
 from chatbot.grounding import looks_like_injection  # noqa: E402
 from chatbot.safety import INJECTION_DELTA, INJECTION_HEAD, Head  # noqa: E402
-from chatbot.safety_train import RECHECK_C, RECHECK_THRESHOLDS, external_sentences, fit_recheck, recheck_rows  # noqa: E402
+from chatbot.safety_train import (  # noqa: E402
+    RECHECK_C,
+    RECHECK_THRESHOLDS,
+    choose_recheck,
+    external_sentences,
+    fit_recheck,
+    injection_layers,
+    recheck_rows,
+)
 from knowledge.e5_torch import E5Encoder  # noqa: E402
-
-THRESHOLDS = RECHECK_THRESHOLDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,40 +62,38 @@ def main(argv: list[str] | None = None) -> int:
     encoder, injection = E5Encoder.load(delta=INJECTION_DELTA), Head.read(INJECTION_HEAD)
     print(f"embedding {len(rows)} labelled sentences ...", file=sys.stderr, flush=True)
     vectors = encoder.queries(texts)
-    patterns = np.array([looks_like_injection(t) for t in texts])
-    flagged = injection.probabilities(vectors)[:, 1] >= injection.threshold
     recheck = fit_recheck(vectors[split == "train"], labels[split == "train"], encoder.name, args.C)
-    confirm = recheck.probabilities(vectors)[:, 1]
-    external = {}
+    sets = {"labelled": (texts, vectors)}
     for name, sentences in (external_sentences() if args.external else {}).items():
         print(f"embedding the {len(sentences)} sentences of {name} ...", file=sys.stderr, flush=True)
-        found = encoder.queries(sentences)
-        flags = injection.probabilities(found)[:, 1] >= injection.threshold
-        external[name] = (len(sentences), np.array([looks_like_injection(s) for s in sentences]), flags,
-                          recheck.probabilities(found)[:, 1])
+        sets[name] = (sentences, encoder.queries(sentences))
+    patterns = {name: np.array([looks_like_injection(t) for t in found]) for name, (found, _) in sets.items()}
 
-    def removed(threshold: float | None, pattern: np.ndarray, flag: np.ndarray, confirmed: np.ndarray) -> np.ndarray:
-        return pattern | flag if threshold is None else pattern | (flag & (confirmed >= threshold))
+    def layers_at(threshold: float, name: str = "labelled") -> dict[str, np.ndarray]:
+        found, embedded = sets[name]
+        return injection_layers(injection, embedded, found, patterns=patterns[name],
+                                recheck=replace(recheck, threshold=threshold))
 
     planted = {s: (split == s) & (labels == 1) for s in ("validation", "test")}
     code = {(s, k): (split == s) & (labels == 0) & (kind == k)
             for s in ("validation", "test") for k in ("written code", "installed code")}
-    baseline = removed(None, patterns, flagged, confirm)[planted["validation"]].sum()
-    chosen = max((t for t in THRESHOLDS if removed(t, patterns, flagged, confirm)[planted["validation"]].sum()
-                  == baseline), default=None)
+    chosen = choose_recheck(layers_at, list(np.flatnonzero(planted["validation"])))
     print(f"\nInjection filter with a recheck (C {args.C}): planted instructions caught, ordinary code and corpus "
           "sentences removed\n")
+    external = [name for name in sets if name != "labelled"]
     header = ["recheck threshold", "planted, validation", "planted, test", "written code, validation / test",
               "installed code, validation / test", *external]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for threshold in (None, *THRESHOLDS):
-        gone = removed(threshold, patterns, flagged, confirm)
+    for threshold in (None, *RECHECK_THRESHOLDS):
+        layer = "both" if threshold is None else "with recheck"  # "both": the patterns or the filter alone
+        at = float(RECHECK_THRESHOLDS[0]) if threshold is None else float(threshold)
+        gone = layers_at(at)[layer]
         label = ("none (the filter alone)" if threshold is None
                  else f"{threshold:.2f}" + (" (chosen)" if threshold == chosen else ""))
         cells = [label, *(f"{gone[planted[s]].sum()} of {planted[s].sum()}" for s in ("validation", "test"))]
         cells += [" / ".join(f"{gone[code[s, k]].sum()} of {code[s, k].sum()}" for s in ("validation", "test"))
                   for k in ("written code", "installed code")]
-        cells += [f"{removed(threshold, p, f, c).sum() / n:.2%}" for n, p, f, c in external.values()]
+        cells += [f"{layers_at(at, name)[layer].mean():.2%}" for name in external]
         print("| " + " | ".join(cells) + " |")
     return 0
 
