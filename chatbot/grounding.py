@@ -60,7 +60,12 @@ _INJECTION = [re.compile(pattern, re.IGNORECASE) for pattern in (
     r"(告诉|要求|让)用户(去|访问|点击|提供)",
 )]
 _QUOTED = re.compile(r'"[^"]*"|“[^”]*”|「[^」]*」|『[^』]*』|\'[^\']{8,}\'')
+# A sentence that opens with a word pointing back to the one before it: a pronoun or a connective.
+_POINTS_BACK = re.compile(r"\W*(这|此|它|该|其|上述|因此|所以|但|不过"
+                          r"|(this|it|that|these|those|they|such|so|but|however|therefore)\b)", re.IGNORECASE)
 _CITATION = re.compile(r"\[(\d{1,2})\]")
+# A "sentence" with nothing to say: punctuation, or a list's number or letter with it ("3.", "(b)", "•", "-").
+_NO_CONTENT = re.compile(r"[\W_]*(\d{1,3}|[A-Za-z]|[一二三四五六七八九十]{1,3})?[\W_]*")
 # Sentence choice leans to the best-ranked passage (retrieval already weighed it against the others) and a little to
 # the sentence that opens a passage, which usually states its topic. Chosen on the key-fact recall of
 # `python -m chatbot.evaluate` (en 0.71 -> 0.74, zh 0.56 -> 0.60; the same questions, so an optimistic figure).
@@ -131,7 +136,9 @@ def defuse(text: str, instructions: Screen | None = None) -> str:
     kept = [s for s, flagged in zip(sentences, learned, strict=True) if not flagged and not looks_like_injection(s)]
     if len(kept) == len(sentences):
         return text
-    return join_sentences([*kept, INJECTION_REMOVED])
+    # The note is a paragraph of its own: joined to a sentence that ends without punctuation (a heading, a line of a
+    # table) it became part of that sentence, and an extractive answer quoted it in the middle of a Chinese one.
+    return "\n\n".join([join_sentences(kept)] * bool(kept) + [INJECTION_REMOVED])
 
 
 def _support(terms: set[str], passage_terms: set[str]) -> float:
@@ -142,8 +149,9 @@ def _support(terms: set[str], passage_terms: set[str]) -> float:
 def extractive_answer(question: str, passages: Sequence[Passage], language: str, sentences: int = 3,
                       score: Callable[[str, list[str]], list[float]] | None = None, min_ratio: float = 0.6,
                       quoted_before: str = "", ranks: Sequence[int] | None = None) -> str:
-    """Up to `sentences` passage sentences, each quoted with its citation: the one that answers the question best,
-    the sentence after it in its passage, and the next best elsewhere if it rates at least `min_ratio` of the best
+    """Up to `sentences` passage sentences, each quoted with its citation: the one that answers the question best
+    (with the sentence before it when it opens by pointing back to it: "这可以…", "It …"), the sentence after it in
+    its passage, and the next best elsewhere if it rates at least `min_ratio` of the best
     (so no off-topic filler is quoted).
 
     The sentence that matches a question best often only names its topic, and the one after it says the rest: "It
@@ -160,7 +168,7 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
     the same share a rank, as two that fusion ranked first and second in opposite orders do."""
     score = score or term_overlap
     candidates = [(passage.number, position, sentence) for passage in passages
-                  for position, sentence in enumerate(split_sentences(passage.text)) if sentence != INJECTION_REMOVED]
+                  for position, sentence in enumerate(quotable_sentences(passage.text))]
     if not candidates:
         return localized(EXTRACTIVE_INTRO, language) + "\n"
     ratings = score(question, [sentence for _, _, sentence in candidates])
@@ -172,6 +180,11 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
     ranked = sorted(zip(ratings, candidates, strict=True), key=lambda rc: (-rc[0], rc[1][0], rc[1][1]))
     (best_rating, best), runner_up = ranked[0], ranked[1:2]
     chosen = [best]
+    # A sentence that opens by pointing back ("这可以强制一个用户下次登录时更改密码", "It is also ...") says what it
+    # says about the sentence before it, which goes with it.
+    preceding = next((c for c in candidates if c[0] == best[0] and c[1] == best[1] - 1), None)
+    if preceding and _POINTS_BACK.match(best[2]):
+        chosen.append(preceding)
     following = next((c for c in candidates if c[0] == best[0] and c[1] == best[1] + 1), None)
     if following and len(chosen) < sentences:
         chosen.append(following)
@@ -181,6 +194,23 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
     quote = "「{}」" if language == "zh" else "\"{}\""
     lines = [f"- {quote.format(sentence)} [{number}]" for number, _, sentence in chosen]
     return localized(EXTRACTIVE_INTRO, language) + "\n" + "\n".join(lines)
+
+
+def quotable_sentences(text: str) -> list[str]:
+    """The sentences of a passage that an answer may quote. A list's number or letter that the splitter cut off
+    ("3." before "按 n 键…", a lone "." or "-") says nothing by itself and was quoted as a sentence of its own
+    ("「3.」 [1]"); it goes back in front of the sentence it numbers, or is left out at the end of a passage. The
+    note that replaced a removed instruction is not quoted."""
+    sentences, pending = [], ""
+    for sentence in split_sentences(text):
+        if sentence == INJECTION_REMOVED:
+            continue
+        if _NO_CONTENT.fullmatch(sentence):
+            pending = f"{pending} {sentence}".strip()
+            continue
+        sentences.append(f"{pending} {sentence}" if pending else sentence)
+        pending = ""
+    return sentences
 
 
 def term_overlap(question: str, sentences: list[str], weight: Callable[[str], float] = lambda t: 1.0
