@@ -19,6 +19,11 @@ corpus is built into a new index with each embedder (all-MiniLM-L6-v2, multiling
   question of these sets is answered by them: a false decline), and those the safety check refused (each is a
   benign question about the documents).
 
+- and the everyday requests (chatbot/eval/everyday.jsonl and the benign requests of
+  chatbot/safety_data/not_trained/requests5.*, 429 in both languages, none about these documents) routed as the
+  assistant routes them: those sent to the documents would be answered with quotes of unrelated passages. Counted
+  with relevance alone and with the router (`chatbot.routing.Router`, fitted on the bundled set only).
+
 A question is found at rank r when the r-th hit comes from its expected source and contains its key phrase
 (`knowledge.evaluate`). Printed: hit@1, hit@3 and MRR@10 per corpus, language, embedder and mode, and the false
 declines; `--json FILE` also writes every question's ranks.
@@ -40,7 +45,10 @@ if str(ROOT) not in sys.path:  # run as a script
 from benchmarks.filling import corpora  # noqa: E402
 from chatbot.assistant import Assistant  # noqa: E402
 from chatbot.config import ChatConfig  # noqa: E402
+from chatbot.evaluate import EVERYDAY, FRESH  # noqa: E402
+from chatbot.grounding import ground  # noqa: E402
 from chatbot.models import ModelProfile  # noqa: E402
+from chatbot.routing import ROUTER, decide  # noqa: E402
 from knowledge.config import KnowledgeConfig  # noqa: E402
 from knowledge.embedded import KnowledgeBase  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
@@ -95,7 +103,23 @@ def measure(corpus: Path, questions: list[dict], embedder: Embedder, config: Cha
                                             for passage in (turn.grounding.passages if turn.grounding else [])),
                          "candidates": {mode: [[chunk.id, matches(q, chunk)] for chunk in chunks]
                                         for mode, chunks in candidates.items()}})
-        return {"chunks": len(kb), "seconds": seconds, "questions": rows}
+        return {"chunks": len(kb), "seconds": seconds, "questions": rows,
+                "requests": requests_sent(retriever, config)}
+
+
+def requests_sent(retriever: Retriever, config: ChatConfig) -> dict:
+    """language → [requests, sent to the documents with relevance alone, with the router]."""
+    requests = read_jsonl(EVERYDAY) + [r for path in FRESH for r in read_jsonl(path) if r["label"] == "benign"]
+    counts: dict[str, list[int]] = {}
+    for request in requests:
+        hits = ground(retriever, [], request["text"], request["language"], config.min_relevance,
+                      config.passages).hits
+        tally = counts.setdefault(request["language"], [0, 0, 0])
+        tally[0] += 1
+        for column, router in ((1, None), (2, ROUTER)):
+            route = decide(request["text"], hits, retriever.lexical, config.min_relevance, router=router)
+            tally[column] += route.kind == "documents"
+    return counts
 
 
 def sweep(results: dict, name: str) -> list[str]:
@@ -170,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                     results[corpus, label] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config,
                                                      sentences)
     print("\n".join(table(results)))
+    print("\nEveryday requests sent to the documents (answered with quotes of unrelated passages), relevance alone / "
+          "with the router:\n\n| corpus | embedder | en | zh |\n|---|---|---|---|")
+    for (corpus, name), found in results.items():
+        cells = [f"{sent[1]} / {sent[2]} of {sent[0]}" for language, sent in sorted(found["requests"].items())
+                 if language in ("en", "zh")]
+        print(f"| {corpus} | {name} | {' | '.join(cells)} |")
     print(f"\n(dense languages: each embedder's own, MiniLM en, e5 and bilingual all; --min-relevance "
           f"{config.min_relevance}, {config.passages} passages, answers quoted from them)")
     if args.sweep and EMBEDDERS[1] in args.embedders.split(","):

@@ -250,9 +250,18 @@ class Assistant:
                 return Turn(language, "chat", _fixed(localized(note, language)), messages=plain, started=started)
             return Turn(language, "chat", self._generate(plain, engine), messages=plain, started=started,
                         model=engine.name)
+        screen = self.guard.learned.instructions if self.guard.learned else None
         grounding = ground(self.retriever, history, question, language, self.config.min_relevance,
-                           self.config.passages, self.guard.learned.instructions if self.guard.learned else None)
+                           self.config.passages, screen)
         route = decide(question, grounding.hits, self.retriever.lexical, self.config.min_relevance)
+        if route.reason == "irrelevant" and grounding.query != question:
+            # A follow-up is searched with the previous question; where that finds nothing close enough ("那怎么保护
+            # 我自己的隐私？" after a refused request), the question alone may name its own topic.
+            alone = ground(self.retriever, [], question, language, self.config.min_relevance, self.config.passages,
+                           screen)
+            if (other := decide(question, alone.hits, self.retriever.lexical, self.config.min_relevance)).kind \
+                    == "documents":
+                grounding, route = alone, other
         if route.kind == "chat" and self.config.on_not_covered == "decline":
             return Turn(language, "not_covered", _fixed(localized(NOT_COVERED, language)), grounding,
                         messages=plain, started=started)

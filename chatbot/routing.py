@@ -8,7 +8,12 @@ reply says so. An everyday request answered with quotes of an unrelated passage 
 document question answered by the model (labelled as such) is a mild one, so every signal leans to chat:
 - a request for a task rather than for facts ("Write a haiku", "Translate ...", "17 * 23", "讲一个笑话", "翻译成英文")
   goes to the model unless it names the documents ("summarise the RAG document", "根据文档");
-- the best passage must be relevant (`min_relevance`, the relevance `knowledge.retriever` computes);
+- the best passage must be relevant (`min_relevance`, the relevance `knowledge.retriever` computes), and where the
+  embedder read the question, close in meaning as well as in words: `Router`, a logistic regression on the best
+  passage's relevance and its dense closeness (`Hit.meaning`), fitted by `python -m chatbot.routing_fit` on the
+  bundled knowledge base's document questions against everyday and safety requests (README, "How a message is
+  routed"). The relevance alone is the larger of the two, and a request that shares words with a passage ("is it
+  fewer people or less people") reached it on words alone;
 - the question's own vocabulary must be the documents' vocabulary: when words the documents never use carry at
   least `max_unknown` of the question's IDF weight ("How many legs does a spider have?"), it is not about them
   unless its best passage is clearly relevant (`TRUSTED_RELEVANCE`) or the knowledge base is too small for its
@@ -20,8 +25,11 @@ words, everyday requests that reach the relevance threshold 0.38 to 0.85.
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from knowledge.lexical import Vocabulary, tokenize, words
 from knowledge.retriever import Hit
@@ -53,6 +61,40 @@ _NAMES_DOCUMENTS = re.compile(r"\b(documents?|docs|knowledge base|according to|i
                               r"|文档|知识库|资料|根据", re.IGNORECASE)
 
 
+ROUTER_FILE = Path(__file__).resolve().parent / "heads" / "router.json"  # written by python -m chatbot.routing_fit
+
+
+@dataclass(frozen=True)
+class Router:
+    """Whether the best passages are close enough to a question, in meaning and words, for the documents to answer:
+    P = sigmoid(meaning × closeness + words × relevance + bias) ≥ threshold (fitted: `chatbot.routing_fit`)."""
+
+    meaning: float
+    words: float
+    bias: float
+    threshold: float
+
+    def probability(self, closeness: float, relevance: float) -> float:
+        return 1 / (1 + math.exp(-(self.meaning * closeness + self.words * relevance + self.bias)))
+
+    def answers(self, closeness: float, relevance: float) -> bool:
+        return self.probability(closeness, relevance) >= self.threshold
+
+    @classmethod
+    def read(cls, path: Path = ROUTER_FILE) -> Router | None:
+        """The fitted router, or None where the file is absent (then relevance alone decides, as before)."""
+        if not path.exists():
+            return None
+        fitted = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{name: float(fitted[name]) for name in ("meaning", "words", "bias", "threshold")})
+
+    def write(self, path: Path = ROUTER_FILE, **record) -> None:
+        path.write_text(json.dumps(asdict(self) | record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+ROUTER = Router.read()
+
+
 @dataclass(frozen=True)
 class Route:
     kind: str  # "documents" or "chat"
@@ -79,13 +121,17 @@ def unknown_share(question: str, lexical: Vocabulary) -> float:
 
 
 def decide(question: str, hits: list[Hit], lexical: Vocabulary, min_relevance: float,
-           max_unknown: float = MAX_UNKNOWN) -> Route:
+           max_unknown: float = MAX_UNKNOWN, router: Router | None = ROUTER) -> Route:
     """`hits` are the retrieved passages (for a follow-up, searched with the previous question), in any order:
-    `chatbot.grounding.ground` puts passages in the user's language first."""
+    `chatbot.grounding.ground` puts passages in the user's language first. `router` (None: relevance alone) judges
+    where the embedder read the question."""
     if is_task(question):
         return Route("chat", "task")
     best = max((h.relevance for h in hits), default=0.0)
     if best < min_relevance:
+        return Route("chat", "irrelevant")
+    closeness = [h.meaning for h in hits if h.meaning is not None]
+    if router is not None and closeness and not router.answers(max(closeness), best):
         return Route("chat", "irrelevant")
     if best < TRUSTED_RELEVANCE and lexical.size >= MIN_VOCABULARY and unknown_share(question, lexical) >= max_unknown:
         return Route("chat", "unknown words")

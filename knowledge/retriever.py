@@ -41,6 +41,7 @@ class Hit:
     relevance: float  # 0..1, comparable across queries
     dense: float | None = None  # cosine similarity, when dense search ran
     lexical: float | None = None  # BM25 score (words), or its fusion with BM25 over characters for Chinese
+    meaning: float | None = None  # the dense cosine rescaled as in `relevance` (0..1); None when dense did not vote
 
     def to_dict(self) -> dict:
         chunk = self.chunk
@@ -120,9 +121,10 @@ class Retriever:
         hits = []
         for found in self.kb.search(query, vector, k, mode):
             share = coverage(vocabulary, terms, tokenize(found.chunk.indexed_text))
-            cosine = (self.similarity(found.dense, own) if self.uses_dense(language) and found.dense is not None
-                      else 0.0)
-            hits.append(Hit(found.chunk, found.score, max(share, cosine), found.dense, found.lexical))
+            meaning = (self.similarity(found.dense, own) if self.uses_dense(language) and found.dense is not None
+                       else None)
+            hits.append(Hit(found.chunk, found.score, max(share, meaning or 0.0), found.dense, found.lexical,
+                            meaning))
         return hits
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
-from chatbot.routing import MIN_VOCABULARY, decide, is_task, unknown_share
+from chatbot.routing import MIN_VOCABULARY, ROUTER, ROUTER_FILE, Router, decide, is_task, unknown_share
+from chatbot.routing_fit import fit
 from knowledge.chunking import Chunk
 from knowledge.lexical import LexicalIndex, tokenize
 from knowledge.retriever import Hit
@@ -17,8 +21,8 @@ def index(texts: list[str]) -> LexicalIndex:
     return LexicalIndex.of([tokenize(t) for t in texts], texts)
 
 
-def hit(relevance: float) -> Hit:
-    return Hit(Chunk("id", "a.md", "text"), relevance, relevance)
+def hit(relevance: float, meaning: float | None = None) -> Hit:
+    return Hit(Chunk("id", "a.md", "text"), relevance, relevance, meaning=meaning)
 
 
 @pytest.mark.parametrize("text", [
@@ -58,3 +62,40 @@ def test_the_documents_answer_only_when_every_signal_agrees():
     assert decide(spider, [hit(0.4)], large, 0.35).reason == "unknown words"
     assert decide(spider, [hit(0.4)], small, 0.35).kind == "documents", "a small collection's vocabulary is narrow"
     assert decide(spider, [hit(0.6)], large, 0.35).kind == "documents", "a clearly relevant passage is trusted"
+
+
+def test_the_router_asks_for_closeness_in_meaning_where_the_embedder_read_the_question():
+    router = Router(meaning=10.0, words=20.0, bias=-12.0, threshold=0.5)  # documents when 10 c + 20 r >= 12
+    small = index(TEXTS)
+    question = "What does LoRA train?"
+    assert decide(question, [hit(0.6, meaning=0.6)], small, 0.35, router=router).kind == "documents"
+    # Relevance from shared words alone ("is it fewer people or less people"): far in meaning, not the documents.
+    assert decide(question, [hit(0.5, meaning=0.1)], small, 0.35, router=router).reason == "irrelevant"
+    assert decide(question, [hit(0.5, meaning=0.1)], small, 0.35, router=None).kind == "documents"
+    # Where the embedder did not read the question (no closeness), relevance alone decides, as before the router.
+    assert decide(question, [hit(0.5)], small, 0.35, router=router).kind == "documents"
+    # The best closeness among the passages counts, whichever passage has it.
+    assert decide(question, [hit(0.5, meaning=0.1), hit(0.4, meaning=0.7)], small, 0.35, router=router).kind \
+        == "documents"
+
+
+def test_the_router_is_a_logistic_regression_fitted_on_labelled_messages(tmp_path):
+    rng = np.random.default_rng(0)
+    # (relevance, closeness): document questions are close in meaning; other requests share words at best.
+    questions = np.column_stack([rng.uniform(0.4, 0.8, 40), rng.uniform(0.4, 0.8, 40)])
+    requests = np.column_stack([rng.uniform(0.35, 0.7, 40), rng.uniform(0.0, 0.3, 40)])
+    router = fit(np.vstack([questions, requests]), np.array([True] * 40 + [False] * 40))
+    assert router.meaning > 0 and router.answers(0.6, 0.6) and not router.answers(0.15, 0.6)
+    router.write(tmp_path / "router.json", figures={})
+    assert Router.read(tmp_path / "router.json") == router
+    assert Router.read(tmp_path / "absent.json") is None
+
+
+def test_the_shipped_router_is_loaded_and_keeps_its_recorded_document_questions():
+    recorded = json.loads(ROUTER_FILE.read_text(encoding="utf-8"))["figures"]
+    assert ROUTER is not None and ROUTER == Router.read()
+    for language in ("en", "zh"):
+        row = recorded[f"document questions {language}"]
+        assert row["with the router"] == row["relevance alone"] > 0
+        fresh = recorded[f"fresh {language}"]
+        assert fresh["with the router"] < fresh["relevance alone"]
