@@ -12,8 +12,8 @@ document question answered by the model (labelled as such) is a mild one, so eve
   embedder read the question, close in meaning as well as in words: `Router`, a logistic regression on the best
   passage's relevance and its dense closeness (`Hit.meaning`), fitted by `python -m chatbot.routing_fit` on the
   bundled knowledge base's document questions against everyday and safety requests (README, "How a message is
-  routed"). The relevance alone is the larger of the two, and a request that shares words with a passage ("is it
-  fewer people or less people") reached it on words alone;
+  routed"). The relevance alone is the larger of the two, and a request that shares words with a passage ("How
+  do I read a CSV file with pandas?" on the bundled documents) reached it on words alone;
 - the question's own vocabulary must be the documents' vocabulary: when words the documents never use carry at
   least `max_unknown` of the question's IDF weight ("How many legs does a spider have?"), it is not about them
   unless its best passage is clearly relevant (`TRUSTED_RELEVANCE`) or the knowledge base is too small for its
