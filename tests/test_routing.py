@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chatbot.routing import MIN_VOCABULARY, ROUTER, ROUTER_FILE, Router, decide, is_task, unknown_share
-from chatbot.routing_fit import fit
+from chatbot.routing_fit import features, fit, messages, sent_to_documents
 from knowledge.chunking import Chunk
 from knowledge.lexical import LexicalIndex, tokenize
 from knowledge.retriever import Hit
@@ -99,3 +99,26 @@ def test_the_shipped_router_is_loaded_and_keeps_its_recorded_document_questions(
         assert row["with the router"] == row["relevance alone"] > 0
         fresh = recorded[f"fresh {language}"]
         assert fresh["with the router"] < fresh["relevance alone"]
+
+
+def test_the_shipped_router_reproduces_its_recorded_figures(embedder, tmp_path):
+    """The bundled document questions it keeps and the fresh requests it lets through, as
+    `python -m chatbot.routing_fit` recorded them (slow: the real embedder builds the bundled knowledge base)."""
+    from chatbot.config import ChatConfig
+    from knowledge.embedded import KnowledgeBase
+    from knowledge.retriever import Retriever
+    from knowledge.store import BUNDLED_CORPUS
+
+    config = ChatConfig()
+    rows = [r for r in messages() if r["set"] in ("document questions", "fresh")]
+    kb = KnowledgeBase.open(tmp_path / "index")
+    kb.add([BUNDLED_CORPUS], embedder, progress=False)
+    table = features(Retriever(kb, embedder), rows, config.min_relevance, config.passages)
+    recorded = json.loads(ROUTER_FILE.read_text(encoding="utf-8"))["figures"]
+    for name in ("document questions", "fresh"):
+        for language in ("en", "zh"):
+            judged = table[:, 2] > 0
+            mask = judged & np.array([r["set"] == name and r["language"] == language for r in rows])
+            row = recorded[f"{name} {language}"]
+            assert (sent_to_documents(None, table, mask), sent_to_documents(ROUTER, table, mask)) == \
+                (row["relevance alone"], row["with the router"]), f"{name} {language}"
