@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import numpy as np
 
 from chatbot.config import ChatConfig
 from chatbot.evaluate import EVERYDAY, FRESH, QUESTIONS, read_jsonl
 from chatbot.grounding import ground
-from chatbot.routing import ROUTER_FILE, Router, decide
+from chatbot.routing import ROUTER_FILE, Router, is_task
 from chatbot.safety_train import harm_rows
 from knowledge.embedder import Embedder
 from knowledge.retriever import Retriever
@@ -63,9 +64,9 @@ def features(retriever: Retriever, rows: list[dict], min_relevance: float, passa
     for i, row in enumerate(tqdm(rows, desc="retrieving", unit="message", file=sys.stderr)):
         hits = ground(retriever, [], row["text"], row["language"], min_relevance, passages).hits
         closeness = [h.meaning for h in hits if h.meaning is not None]
-        judged = closeness and decide(row["text"], hits, retriever.lexical, min_relevance, max_unknown=2.0,
-                                      router=None).kind == "documents"  # not a task, and relevant enough
-        table[i] = (max((h.relevance for h in hits), default=0.0), max(closeness, default=0.0), bool(judged))
+        relevance = max((h.relevance for h in hits), default=0.0)
+        judged = bool(closeness) and not is_task(row["text"]) and relevance >= min_relevance
+        table[i] = (relevance, max(closeness, default=0.0), judged)
     return table
 
 
@@ -101,12 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     questions = judged & in_set["document questions"]
     validation = judged & in_set["validation"]
     answered = sent_to_documents(None, table, questions)
-    usable = [(sent_to_documents(r, table, validation), -float(t), r) for t in THRESHOLDS
-              for r in [Router(router.meaning, router.words, router.bias, float(t))]
+    usable = [r for r in (replace(router, threshold=float(t)) for t in THRESHOLDS)
               if sent_to_documents(r, table, questions) == answered]
     if not usable:
         raise SystemExit("no threshold keeps every document question: nothing written")
-    router = min(usable, key=lambda u: u[:2])[2]
+    router = min(usable, key=lambda r: (sent_to_documents(r, table, validation), -r.threshold))
     figures = {}
     for name, chosen in in_set.items():
         for language in ("en", "zh"):
