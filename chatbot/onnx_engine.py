@@ -21,10 +21,13 @@ import hashlib
 import json
 import os
 import queue
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +71,31 @@ COMPILED_FROM = ("*.safetensors", "*.bin", "*.gguf", "*.model", "*config.json", 
                  "special_tokens_map.json", "*.jinja")
 
 
+# Files up to this size are identified by their bytes, so a fresh clone or a copy of a shipped adapter finds the model
+# compiled before; a larger one (a full checkpoint: hashing 1 GB takes ~3 s at every start) by its size and time.
+HASHED_UP_TO = 64 << 20
+# A compiled copy of the same model and precision not used for this long is removed when another is compiled: old
+# versions of a retrained adapter would otherwise pile up at ~0.3-1 GB each. Not sooner, so that a process that has
+# just been handed an older copy can still load it.
+STALE_AFTER_S = 600
+
+
+def _file_identity(path: Path) -> str:
+    size = path.stat().st_size
+    if size > HASHED_UP_TO:
+        return f"{size}:{path.stat().st_mtime_ns}"
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _fingerprint(source: str) -> str:
-    """What identifies the weights behind --model: the resolved source, and for a folder the size and time of
-    each file in it that the compiled model is made from (a retrained adapter in the same folder compiles again)."""
-    parts = [source]
+    """What identifies the weights behind --model: for a folder, the files in it that the compiled model is made
+    from (their contents; see HASHED_UP_TO), wherever the folder is; otherwise the resolved source itself."""
     folder = Path(source)
-    if folder.is_dir():
-        parts += [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                  for p in sorted(folder.rglob("*")) if p.is_file() and any(p.match(g) for g in COMPILED_FROM)]
+    if not folder.is_dir():
+        return hashlib.sha256(source.encode()).hexdigest()[:12]
+    parts = [f"{p.relative_to(folder)}:{_file_identity(p)}"
+             for p in sorted(folder.rglob("*")) if p.is_file() and any(p.match(g) for g in COMPILED_FROM)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
@@ -85,6 +105,29 @@ def compiled_folder(spec: str | None, precision: str) -> Path:
     return models_dir() / "onnx" / f"{name}-{precision}-{_fingerprint(source)}"
 
 
+def _mark_used(target: Path) -> None:
+    try:
+        os.utime(target / CONFIG_FILE)
+    except OSError:  # a read-only models folder: nothing is pruned there either
+        pass
+
+
+def prune_stale(target: Path, now: float | None = None) -> list[Path]:
+    """Remove the other compiled copies of `target`'s model and precision (same name, another fingerprint) that
+    were last used more than STALE_AFTER_S ago; returns what was removed."""
+    stem = target.name.rsplit("-", 1)[0] + "-"
+    now = time.time() if now is None else now
+    removed = []
+    for other in target.parent.glob(stem + "*"):
+        config = other / CONFIG_FILE
+        if (other == target or not re.fullmatch("[0-9a-f]{12}", other.name[len(stem):]) or not config.is_file()
+                or now - config.stat().st_mtime < STALE_AFTER_S):
+            continue
+        shutil.rmtree(other, ignore_errors=True)
+        removed.append(other)
+    return removed
+
+
 def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
     """The onnxruntime-genai folder for --model `spec` at `precision`, converted on first use (about 20 s for the
     default model on 2 cores)."""
@@ -92,6 +135,7 @@ def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
         raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     target = compiled_folder(spec, precision)
     if (target / CONFIG_FILE).is_file():
+        _mark_used(target)
         return target
     model, tokenizer, name = load_model(spec, device="cpu")
     print(f"Compiling {name} for onnxruntime-genai ({precision}) into {target} (once; about 20 s)...",
@@ -109,6 +153,7 @@ def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
             raise ModelNotFoundError(f"Could not compile '{name}' for onnxruntime-genai ({precision}): {tail}\n"
                                      "Use --backend transformers to serve it without compiling.")
+    prune_stale(target)
     return target
 
 

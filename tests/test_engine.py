@@ -182,6 +182,7 @@ def test_waiting_requests_get_the_engine_in_arrival_order():
 
 def test_the_compiled_models_fingerprint_follows_the_weights_not_the_model_card(tmp_path):
     import os
+    import shutil
 
     from chatbot.onnx_engine import _fingerprint
 
@@ -192,7 +193,33 @@ def test_the_compiled_models_fingerprint_follows_the_weights_not_the_model_card(
     for name in ("README.md", "metrics.json", "chatbot_model.json"):
         (tmp_path / name).write_text("edited")
     assert _fingerprint(str(tmp_path)) == first, "editing what only describes the model does not recompile it"
-    weights = tmp_path / "adapter_model.safetensors"
-    weights.write_text("retrained")
-    os.utime(weights, ns=(1, 1))
+    clone = shutil.copytree(tmp_path, tmp_path.parent / "fresh-clone" / tmp_path.name)
+    os.utime(clone / "adapter_model.safetensors", ns=(1, 1))
+    assert _fingerprint(str(clone)) == first, "the same adapter in a fresh clone (new times) is not compiled again"
+    (tmp_path / "adapter_model.safetensors").write_text("retrained")
     assert _fingerprint(str(tmp_path)) != first
+
+
+def test_compiling_a_new_version_removes_the_copies_of_that_model_nobody_used_lately(tmp_path):
+    import os
+
+    from chatbot.onnx_engine import CONFIG_FILE, STALE_AFTER_S, prune_stale
+
+    def compiled(name: str, used: float) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CONFIG_FILE).write_text("{}")
+        os.utime(tmp_path / name / CONFIG_FILE, (used, used))
+
+    now = 1_000_000.0
+    compiled("run-int8-aaaaaaaaaaaa", now)  # the one just compiled
+    compiled("run-int8-bbbbbbbbbbbb", now - STALE_AFTER_S - 1)  # an old version: removed
+    compiled("run-int8-cccccccccccc", now - 5)  # handed to another process a moment ago: kept
+    compiled("run-int4-dddddddddddd", now - STALE_AFTER_S - 1)  # another precision
+    compiled("run-int8-kq-eeeeeeeeeeee", now - STALE_AFTER_S - 1)  # another model whose name ends like this one
+    compiled("other-int8-ffffffffffff", now - STALE_AFTER_S - 1)  # another model
+    (tmp_path / "run-int8-aaaaaaaaaaaa.tmp-x1").mkdir()  # another process's build in progress
+    removed = prune_stale(tmp_path / "run-int8-aaaaaaaaaaaa", now=now)
+    assert [p.name for p in removed] == ["run-int8-bbbbbbbbbbbb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other-int8-ffffffffffff", "run-int4-dddddddddddd", "run-int8-aaaaaaaaaaaa", "run-int8-aaaaaaaaaaaa.tmp-x1",
+        "run-int8-cccccccccccc", "run-int8-kq-eeeeeeeeeeee"]
