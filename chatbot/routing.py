@@ -57,6 +57,9 @@ _TASK = re.compile(
 _LEAD_IN_ZH = re.compile(r"^\s*(请|麻烦你?)?(帮我|给我|替我|帮忙)?")
 _TASK_VERB_ZH = re.compile(r"^(写|编|起|翻译|讲|推荐|计算|算|总结|概括|改写|润色|起草)(写|编|讲|算)?"
                            r"(个|封|段|篇|份|条|首|句|则|张|一下|一个|一首|一篇|一段|一封|一份|一条|出|成|一|点)?$")
+# ... unless that verb opens a clause of time or sequence: "写代码时括号一多…有没有办法…" (when writing code),
+# "写完代码以后怎么提交？" (after writing): a question about the moment, not an order to write.
+_SUBORDINATE_ZH = {"时", "时候", "以后", "之后", "之前", "完"}
 _NAMES_DOCUMENTS = re.compile(r"\b(documents?|docs|knowledge base|according to|in the (file|guide|notes))\b"
                               r"|文档|知识库|资料|根据", re.IGNORECASE)
 
@@ -107,8 +110,8 @@ def is_task(question: str) -> bool:
 
 
 def _opens_with_task_verb(question: str) -> bool:
-    first = words(_LEAD_IN_ZH.sub("", question[:40]))[:1]
-    return bool(first and _TASK_VERB_ZH.match(first[0]))
+    clause = words(re.split(r"[，,。？?！!；;]", _LEAD_IN_ZH.sub("", question[:40]), maxsplit=1)[0])
+    return bool(clause and _TASK_VERB_ZH.match(clause[0])) and not _SUBORDINATE_ZH.intersection(clause[1:4])
 
 
 def unknown_share(question: str, lexical: Vocabulary) -> float:

@@ -29,6 +29,7 @@ def hit(relevance: float, meaning: float | None = None) -> Hit:
     "Write a haiku about autumn leaves.", "Translate 'good morning' into Chinese.", "What is 17 * 23?",
     "Tell me a joke about penguins.", "写一句生日祝福。", "把“早上好”翻译成英文。", "十七乘以二十三等于多少？",
     "讲一个关于熊猫的笑话。", "帮我写封辞职信，语气客气一点", "算算离春节还有几天", "请帮我起草一条请假消息",
+    "写一段开场白，周五之前发我", "帮我写个周报，写完以后再润色一下",
 ])
 def test_tasks_are_recognised(text):
     assert is_task(text)
@@ -40,6 +41,9 @@ def test_tasks_are_recognised(text):
     "根据文档，写一段关于困惑度的总结。",
     # a task verb's character opening another word: 编译器 (compiler), 编辑 (edit), 写后端 (writing a back end)
     "编译器会对没用到的函数给出警告吗？", "编辑密钥时可以删掉自签名吗？", "写后端接口时，怎样避免注入漏洞",
+    # a task verb opening a clause of time or sequence: when writing, after writing
+    "写代码时括号一多就看花眼，有没有办法直接跳到配对的那一个？", "写作业的时候能听音乐吗？", "写完代码以后怎么提交？",
+    "讲课前需要准备哪些材料？",
 ])
 def test_questions_and_requests_about_the_documents_are_not_tasks(text):
     assert not is_task(text)
