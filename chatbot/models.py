@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 import sys
 import warnings
@@ -111,6 +112,22 @@ def embedded_gguf() -> Path:
     return path
 
 
+def ensure_room(folder: Path, needed: int, what: str) -> None:
+    """ModelNotFoundError, saying how much is missing and what to do, when the disk holding `folder` has less than
+    `needed` bytes free: writing a model into a full disk fails halfway with a raw I/O error."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ModelNotFoundError(
+            f"Not enough disk space to {what}: about {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free "
+            f"in {folder}. Free some space, or set CHATBOT_MODELS_DIR (or CHATBOT_HOME) to a folder on a larger disk.")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """What the model's weights take in float32, as a checkpoint saves them."""
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise a GGUF checkpoint into a transformers folder at `target` (once; atomic). A model without a chat
     template whose tokenizer knows Gemma's turn tokens gets `chat_format.TURN_TEMPLATE`."""
@@ -125,6 +142,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     del model.config.quantization_config
     if tokenizer.chat_template is None and add_turn_format(tokenizer):
         model.generation_config.eos_token_id = sorted({model.config.eos_token_id, tokenizer.eos_token_id})
+    ensure_room(target.parent, weight_bytes(model) * 11 // 10, f"convert {gguf.name}")
     with built_beside(target, "config.json") as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

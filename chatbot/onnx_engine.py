@@ -40,9 +40,11 @@ from chatbot.models import (
     DEFAULT_NAME,
     ModelNotFoundError,
     ModelProfile,
+    ensure_room,
     load_model,
     model_profile,
     resolve_model,
+    weight_bytes,
 )
 from common.paths import built_beside, models_dir
 
@@ -138,6 +140,8 @@ def compile_model(spec: str | None, precision: str = DEFAULT_PRECISION) -> Path:
         _mark_used(target)
         return target
     model, tokenizer, name = load_model(spec, device="cpu")
+    # The merged float32 checkpoint, the builder's output (as large at fp32) and its cache, at once.
+    ensure_room(target.parent, weight_bytes(model) * 5 // 2, f"compile {name} for onnxruntime-genai ({precision})")
     print(f"Compiling {name} for onnxruntime-genai ({precision}) into {target} (once; about 20 s)...",
           file=sys.stderr, flush=True)
     # The merged checkpoint and the builder's cache are scratch; only the builder's output becomes `target`.

@@ -322,3 +322,18 @@ def test_language_models_default_to_the_bilingual_model_only_with_the_default_mo
     assert ChatConfig(model="x", language_models="zh=y, ja=z").routes() == {"zh": "y", "ja": "z"}
     with pytest.raises(ValueError, match="LANG=MODEL"):
         ChatConfig(language_models="zh")
+
+
+def test_a_full_disk_is_reported_before_compiling_not_halfway(tiny_model_dir, monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from chatbot.models import ModelNotFoundError
+    from chatbot.onnx_engine import compile_model
+
+    monkeypatch.setenv("CHATBOT_MODELS_DIR", str(tmp_path / "models"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(2**30, 2**30 - 1000, 1000))
+    with pytest.raises(ModelNotFoundError, match=r"Not enough disk space to compile .* CHATBOT_MODELS_DIR"):
+        compile_model(str(tiny_model_dir), "fp32")
+    assert not any((tmp_path / "models" / "onnx").iterdir()), "nothing half written"
