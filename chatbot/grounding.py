@@ -167,18 +167,28 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
     passages[i] for the prior that favours the better passage (default: its number); passages the search scored
     the same share a rank, as two that fusion ranked first and second in opposite orders do."""
     score = score or term_overlap
-    candidates = [(passage.number, position, sentence) for passage in passages
-                  for position, sentence in enumerate(quotable_sentences(passage.text))]
+    candidates, read_as, seen = [], [], set()
+    for passage in passages:
+        previous = ""
+        for position, sentence in enumerate(quotable_sentences(passage.text)):
+            # Overlapping passages repeat their edges: a sentence is quoted once, from the first passage holding it.
+            if sentence not in seen:
+                seen.add(sentence)
+                candidates.append((passage.number, position, sentence))
+                # A sentence that points back ("It terminates the nearest enclosing loop", "它会打印一条错误消息")
+                # is about what the one before it names, and is rated with it.
+                read_as.append(f"{previous} {sentence}" if previous and _POINTS_BACK.match(sentence) else sentence)
+            previous = sentence
     if not candidates:
         return localized(EXTRACTIVE_INTRO, language) + "\n"
-    ratings = score(question, [sentence for _, _, sentence in candidates])
+    ratings = score(question, read_as)
     rank = {passage.number: passage.number if ranks is None else ranks[i] for i, passage in enumerate(passages)}
     ratings = [r + PASSAGE_PRIOR / rank[number] + (LEAD_PRIOR if position == 0 else 0.0)
                - (REPEAT_PENALTY if quoted_before and sentence in quoted_before else 0.0)
                for r, (number, position, sentence) in zip(ratings, candidates, strict=True)]
     # Ties go to the better passage and then to the earlier sentence, which usually defines the topic.
     ranked = sorted(zip(ratings, candidates, strict=True), key=lambda rc: (-rc[0], rc[1][0], rc[1][1]))
-    (best_rating, best), runner_up = ranked[0], ranked[1:2]
+    best_rating, best = ranked[0]
     chosen = [best]
     # A sentence that opens by pointing back ("这可以强制一个用户下次登录时更改密码", "It is also ...") says what it
     # says about the sentence before it, which goes with it.
@@ -188,8 +198,10 @@ def extractive_answer(question: str, passages: Sequence[Passage], language: str,
     following = next((c for c in candidates if c[0] == best[0] and c[1] == best[1] + 1), None)
     if following and len(chosen) < sentences:
         chosen.append(following)
-    chosen += [candidate for rating, candidate in runner_up
-               if candidate not in chosen and rating >= min_ratio * best_rating and len(chosen) < sentences]
+    # The runner-up: the best sentence not quoted already (the one after the best often rates second).
+    rating, runner_up = next((rc for rc in ranked[1:] if rc[1] not in chosen), (0.0, None))
+    if runner_up and rating >= min_ratio * best_rating and len(chosen) < sentences:
+        chosen.append(runner_up)
     chosen.sort(key=lambda c: (c[0], c[1]))
     quote = "「{}」" if language == "zh" else "\"{}\""
     lines = [f"- {quote.format(sentence)} [{number}]" for number, _, sentence in chosen]

@@ -9,7 +9,15 @@ import pytest
 
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
-from chatbot.grounding import INJECTION_REMOVED, cite, defuse, extractive_answer, is_follow_up, retrieval_query
+from chatbot.grounding import (
+    INJECTION_REMOVED,
+    cite,
+    defuse,
+    extractive_answer,
+    is_follow_up,
+    retrieval_query,
+    term_overlap,
+)
 from chatbot.hf_engine import TransformersEngine as Engine
 from chatbot.models import ModelProfile
 from chatbot.prompts import (
@@ -257,3 +265,28 @@ def test_passages_that_do_not_fit_the_context_give_way_not_the_answer(tokenizer,
 
 def engine_tokens(turn, tokenizer) -> int:
     return Engine(tiny_model(tokenizer), tokenizer, "tiny", 4096, ModelProfile()).count_tokens(turn.messages)
+
+
+def test_a_sentence_that_points_back_is_rated_with_the_one_before_it():
+    rated = []
+
+    def score(question: str, sentences: list[str]) -> list[float]:
+        rated.extend(sentences)
+        return term_overlap(question, sentences)
+
+    loop = Passage(1, "reference.txt", "The break statement may only occur in a loop. It terminates the nearest "
+                                       "enclosing loop. Loops may have an else clause.")
+    answer = extractive_answer("What does break do?", [loop], "en", sentences=2, score=score)
+    assert rated == ["The break statement may only occur in a loop.",
+                     "The break statement may only occur in a loop. It terminates the nearest enclosing loop.",
+                     "Loops may have an else clause."]
+    assert '"It terminates the nearest enclosing loop." [1]' in answer
+
+
+def test_a_sentence_two_overlapping_passages_share_is_quoted_once_from_the_first():
+    shared = "An augmented assignment evaluates its target only once."
+    first = Passage(1, "a.txt", f"Augmented assignment combines an operation and an assignment. {shared}")
+    second = Passage(2, "a.txt", f"{shared} Augmented assignment of a tuple is not allowed.")
+    answer = extractive_answer("What does augmented assignment evaluate?", [first, second], "en")
+    assert answer.count(shared) == 1 and f'"{shared}" [1]' in answer, answer
+    assert answer.count("\n- ") == 2, "the slot it took twice goes to another sentence"
