@@ -83,9 +83,9 @@ STALE_AFTER_S = 600
 
 
 def _file_identity(path: Path) -> str:
-    size = path.stat().st_size
-    if size > HASHED_UP_TO:
-        return f"{size}:{path.stat().st_mtime_ns}"
+    stat = path.stat()
+    if stat.st_size > HASHED_UP_TO:
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
