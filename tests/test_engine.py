@@ -200,6 +200,23 @@ def test_the_compiled_models_fingerprint_follows_the_weights_not_the_model_card(
     assert _fingerprint(str(tmp_path)) != first
 
 
+def test_a_large_checkpoint_is_identified_by_its_size_and_time_not_hashed(tmp_path, monkeypatch):
+    import os
+
+    from chatbot import onnx_engine
+
+    monkeypatch.setattr(onnx_engine, "HASHED_UP_TO", 4)  # every file below counts as large
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"12345678")
+    os.utime(weights, ns=(1, 1))
+    first = onnx_engine._fingerprint(str(tmp_path))
+    weights.write_bytes(b"87654321")  # same size: only its time says it changed
+    os.utime(weights, ns=(1, 1))
+    assert onnx_engine._fingerprint(str(tmp_path)) == first, "its bytes are not read"
+    os.utime(weights, ns=(2, 2))
+    assert onnx_engine._fingerprint(str(tmp_path)) != first
+
+
 def test_compiling_a_new_version_removes_the_copies_of_that_model_nobody_used_lately(tmp_path):
     import os
 
