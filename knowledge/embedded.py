@@ -39,7 +39,7 @@ import numpy as np
 from knowledge.chunking import Chunk
 from knowledge.config import KnowledgeConfig
 from knowledge.embedder import DEFAULT_EMBEDDER, EMBEDDED_NAME, Embedder
-from knowledge.fusion import reciprocal_rank_fusion
+from knowledge.fusion import reciprocal_rank_fusion, score_fusion
 from knowledge.lexical import LexicalIndex, Postings
 from knowledge.segment import Segment
 from knowledge.store import FileEmbedding, IndexError_, Report, Scored, chunk_languages, read_files
@@ -401,7 +401,9 @@ class KnowledgeBase:
         self.embedder_name = embedder.name
 
     # ----- reading ---------------------------------------------------------------------------------------
-    def search(self, query: str, vector: np.ndarray | None, k: int, mode: str) -> list[Scored]:
+    def search(self, query: str, vector: np.ndarray | None, k: int, mode: str,
+               dense_weight: float | None = None) -> list[Scored]:
+        """The best `k` chunks; "fused" by reciprocal rank, or with `dense_weight` by score (`knowledge.fusion`)."""
         state = self.state  # one generation for the whole search, whatever a write does meanwhile
         if not state.lexical.size:
             return []
@@ -412,6 +414,9 @@ class KnowledgeBase:
             ranked = [(key, score) for key, (score, _) in dense.items()]
         elif mode == "lexical":
             ranked = list(lexical.items())
+        elif dense_weight is not None and dense:
+            ranked = list(score_fusion([{key: score for key, (score, _) in dense.items()}, lexical],
+                                       (dense_weight, 1.0 - dense_weight)).items())
         else:  # (both searches return their rows best first)
             ranked = list(reciprocal_rank_fusion([list(dense), list(lexical)]).items())
         return [Scored(state.chunk(key), score, dense[key][1] if key in dense else None, lexical.get(key))

@@ -183,10 +183,12 @@ class MilvusStore:
                                    search_params={"metric_type": "BM25"})
         return len(found[0])
 
-    def search(self, query: str, vector: np.ndarray | None, k: int, mode: str) -> list[Scored]:
+    def search(self, query: str, vector: np.ndarray | None, k: int, mode: str,
+               dense_weight: float | None = None) -> list[Scored]:
         """As the embedded store searches: BM25 over words, and for a query with Chinese in it also over characters,
         each a Milvus full-text search; with the query's vector, the dense search too; several of them fused by
-        Milvus's RRF ranker in one hybrid search."""
+        Milvus's RRF ranker in one hybrid search (always: `dense_weight` is not used, Milvus's weighted ranker
+        rescales scores its own way)."""
         if not len(self) or (vector is None and mode == "dense"):
             return []
         pool = min(len(self), max(50, 10 * k))

@@ -7,7 +7,8 @@
 Fusion is reciprocal-rank fusion by the query's language: the embedder only votes for languages it was trained
 on (`dense_languages`), because an English embedder's ranking of Chinese text drags an equal-weight fusion far
 below BM25 alone (see `python -m knowledge evaluate`). It is a setting of the search, not of the index: the same
-index serves `Retriever(kb, embedder, "en")` and `retriever.with_dense_languages("*")`.
+index serves `Retriever(kb, embedder, "en")` and `retriever.with_dense_languages("*")`. For English queries the
+two are fused by score instead (`SCORE_FUSION`): reciprocal ranks buried a clear dense first that BM25 missed.
 
 `relevance` (0..1) says whether a hit answers the query at all, for the "not covered" decision: the larger of
 the dense cosine (when the embedder knows the language; rescaled from the embedder's `similarity_floor`, where
@@ -31,13 +32,19 @@ from knowledge.lexical import Vocabulary, coverage, tokenize
 from knowledge.store import IndexError_, Store, open_store
 
 MODES = ("fused", "dense", "lexical")
+# Query language → the dense ranking's weight in a fusion by rescaled scores (`knowledge.fusion.score_fusion`);
+# other languages are fused by reciprocal rank. Chosen on the bundled questions by MRR (`python
+# benchmarks/corpora.py --embedders bilingual --sweep`; English: MiniLM's cosines with BM25, 0.915 → 0.941, weights
+# 0.55, 0.65 and 0.7 within 0.002; Chinese: reciprocal rank best, 0.969 against at most 0.968) and confirmed on the
+# English corpora the project did not write (README, "Fusion that keeps strong single hits").
+SCORE_FUSION = {"en": 0.75}
 CHECK_EVERY = 2.0  # seconds between checks for changes committed by other processes
 
 
 @dataclass
 class Hit:
     chunk: Chunk
-    score: float  # the ranking score of the mode searched (cosine, BM25 or weighted RRF)
+    score: float  # the ranking score of the mode searched (cosine, BM25, RRF or fused scores)
     relevance: float  # 0..1, comparable across queries
     dense: float | None = None  # cosine similarity, when dense search ran
     lexical: float | None = None  # BM25 score (words), or its fusion with BM25 over characters for Chinese
@@ -50,10 +57,14 @@ class Hit:
 
 
 class Retriever:
-    def __init__(self, kb: Store, embedder: Embedder, dense_languages: str = DENSE_LANGUAGES):
+    def __init__(self, kb: Store, embedder: Embedder, dense_languages: str = DENSE_LANGUAGES,
+                 score_fusion: dict[str, float] | None = None):
         """`kb`: the embedded `KnowledgeBase` or a `knowledge.milvus.MilvusStore`; `dense_languages`:
-        comma-separated query languages the embedder handles ("*" = all, "auto" = the embedder's own)."""
+        comma-separated query languages the embedder handles ("*" = all, "auto" = the embedder's own);
+        `score_fusion`: query language → dense weight of a fusion by score (default `SCORE_FUSION`; {}: reciprocal
+        rank for every language)."""
         self.kb, self.embedder = kb, embedder
+        self.score_fusion = SCORE_FUSION if score_fusion is None else score_fusion
         self.dense_languages = _language_set(dense_languages, embedder)
         # A search uses one committed state of the store from start to end whatever writes do meanwhile; the lock
         # only keeps the checks for other processes' changes (`sync`) one at a time.
@@ -119,7 +130,7 @@ class Retriever:
         vector = self.embedder.queries([query]) if use_dense else None
         terms, vocabulary = tokenize(query), self.kb.lexical
         hits = []
-        for found in self.kb.search(query, vector, k, mode):
+        for found in self.kb.search(query, vector, k, mode, self.score_fusion.get(own) if use_dense else None):
             share = coverage(vocabulary, terms, tokenize(found.chunk.indexed_text))
             meaning = (self.similarity(found.dense, own) if self.uses_dense(language) and found.dense is not None
                        else None)

@@ -14,9 +14,9 @@ from chatbot.config import ChatConfig
 from knowledge.config import KnowledgeConfig
 from knowledge.embedded import KnowledgeBase
 from knowledge.embedder import EMBEDDED_NAME
-from knowledge.fusion import reciprocal_rank_fusion
+from knowledge.fusion import reciprocal_rank_fusion, score_fusion
 from knowledge.lexical import tokenize, words
-from knowledge.retriever import Retriever
+from knowledge.retriever import SCORE_FUSION, Retriever
 from tests.docs import DOCS, write_docs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +56,41 @@ def test_reciprocal_rank_fusion():
     fused = reciprocal_rank_fusion([[3, 1, 2], [1, 4]], k=60)
     assert list(fused) == [1, 3, 4, 2], "first in one ranking and second in the other beats first in one alone"
     assert fused[1] == pytest.approx(1 / 62 + 1 / 61)
+
+
+def test_score_fusion_keeps_a_clear_lead_that_reciprocal_ranks_bury():
+    dense = {"lead": 0.90, "a": 0.50, "b": 0.48, "c": 0.47}  # one clear first, BM25 never finds it
+    lexical = {"a": 12.0, "b": 11.0, "c": 10.5, "d": 2.0}
+    assert list(reciprocal_rank_fusion([list(dense), list(lexical)]))[0] == "a", "both rank a well: RRF puts it first"
+    fused = score_fusion([dense, lexical], (0.75, 0.25))
+    assert list(fused)[0] == "lead"
+    assert fused["lead"] == pytest.approx(0.75) and fused["d"] == pytest.approx(0.0)
+    assert fused["a"] == pytest.approx(0.75 * 0.03 / 0.43 + 0.25)
+    assert list(score_fusion([dense, lexical], (0.25, 0.75)))[0] == "a", "the weights decide between them"
+    assert score_fusion([{"x": 1.0}, {}], (0.5, 0.5)) == {"x": 0.0}, "one score alone says nothing"
+    deeper = dense | {f"tail{i}": 0.1 - i / 100 for i in range(5)}
+    again = score_fusion([deeper, lexical], (0.75, 0.25), depth=4)
+    assert {row: again[row] for row in fused} == pytest.approx(fused), \
+        "rescaled over the best `depth` rows: asking for more candidates changes no score"
+    assert all(again[f"tail{i}"] == 0.0 for i in range(5)), "rows below the best `depth` count as missing"
+
+
+def test_english_queries_are_fused_by_score_and_chinese_by_rank(docs_index, embedder):
+    kb = KnowledgeBase.open(docs_index)
+    retriever = Retriever(kb, embedder)
+    assert set(SCORE_FUSION) == {"en"}
+    for question, weight in (("Why randomly zero activations while training?", SCORE_FUSION["en"]),
+                             ("训练什么时候应该停下来？", None)):
+        vector = embedder.queries([question])
+        dense = {h.chunk.id: h.score for h in kb.search(question, vector, 50, "dense")}
+        lexical = {h.chunk.id: h.score for h in kb.search(question, None, 50, "lexical")}
+        expected = (score_fusion([dense, lexical], (weight, 1 - weight)) if weight is not None
+                    else reciprocal_rank_fusion([list(dense), list(lexical)]))
+        hits = retriever.search(question, k=5)
+        assert [h.chunk.id for h in hits] == list(expected)[:5], question
+        assert [h.score for h in hits] == pytest.approx(list(expected.values())[:5])
+    by_rank = Retriever(kb, embedder, score_fusion={}).search("Why randomly zero activations while training?", k=3)
+    assert all(h.score <= 2 / 61 + 1e-12 for h in by_rank), "score_fusion={}: reciprocal ranks for every language"
 
 
 def test_fusion_finds_every_question_in_both_languages(retriever):
