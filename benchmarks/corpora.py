@@ -54,7 +54,7 @@ from knowledge.embedded import KnowledgeBase  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.eval import external  # noqa: E402
 from knowledge.evaluate import QUESTIONS, first_rank, matches, read_jsonl, score  # noqa: E402
-from knowledge.retriever import Retriever  # noqa: E402
+from knowledge.retriever import SCORE_FUSION, Retriever  # noqa: E402
 
 QUESTION_SETS = {"bundled": QUESTIONS, "pydoc": external.PYDOC_QUESTIONS, "rust-zh": external.RUST_ZH_QUESTIONS,
                  "man-zh": external.MAN_ZH_QUESTIONS, "cargo": external.CARGO_QUESTIONS,
@@ -93,7 +93,7 @@ def measure(corpus: Path, questions: list[dict], embedder: Embedder, config: Cha
             ranks = {mode: first_rank(retriever, q, mode) for mode in MODES}
             turn = assistant.turn([], q["question"])
             answer = "".join(turn.stream())
-            candidates = {mode: [found.chunk for found in kb.search(q["question"], vector, POOL, mode)]
+            candidates = {mode: kb.search(q["question"], vector, POOL, mode)
                           for mode, vector in (("dense", embedder.queries([q["question"]])), ("lexical", None))}
             rows.append({"question": q["question"], "language": q["language"], "ranks": ranks,
                          "mode": turn.mode, "declined": turn.mode in ("chat", "not_covered"),
@@ -101,7 +101,8 @@ def measure(corpus: Path, questions: list[dict], embedder: Embedder, config: Cha
                          "key fact": q["key_phrase"] in answer,
                          "in passages": any(q["key_phrase"] in passage.text
                                             for passage in (turn.grounding.passages if turn.grounding else [])),
-                         "candidates": {mode: [[chunk.id, matches(q, chunk)] for chunk in chunks]
+                         "candidates": {mode: [[found.chunk.id, matches(q, found.chunk), found.score]
+                                               for found in chunks]
                                         for mode, chunks in candidates.items()}})
         return {"chunks": len(kb), "seconds": seconds, "questions": rows,
                 "requests": requests_sent(retriever, config)}
@@ -123,30 +124,38 @@ def requests_sent(retriever: Retriever, config: ChatConfig) -> dict:
 
 
 def sweep(results: dict, name: str) -> list[str]:
-    """Fused searches with other RRF constants and dense weights, from the candidates kept (hit@3 / MRR per
-    corpus and language, and the own set's mean MRR, on which a choice would be made)."""
-    from knowledge.fusion import reciprocal_rank_fusion
+    """Fused searches with other settings, from the candidates kept (hit@3 / MRR per corpus and language, and the
+    own set's MRR per language, on which a choice is made): reciprocal-rank fusion with other constants and dense
+    weights, and fusion by rescaled scores (`knowledge.fusion.score_fusion`) with other dense weights."""
+    from knowledge.fusion import reciprocal_rank_fusion, score_fusion
 
     groups = [(corpus, language, [row for row in found["questions"] if row["language"] == language])
               for (corpus, embedder), found in results.items() if embedder == name
               for language in sorted({row["language"] for row in found["questions"]})]
-    lines = [f"| RRF k | dense weight | own set, mean MRR | {' | '.join(f'{c} {lang}' for c, lang, _ in groups)} |",
-             "|---|---|---|" + "---|" * len(groups)]
-    for k in (1, 5, 20, 60):
-        for weight in (0.5, 1.0, 1.5, 2.0):
-            cells, own = [], []
-            for corpus, _, rows in groups:
-                ranks = []
-                for row in rows:
-                    lists = row["candidates"]
-                    good = {chunk for mode in lists for chunk, ok in lists[mode] if ok}
-                    fused = reciprocal_rank_fusion([[c for c, _ in lists["dense"]], [c for c, _ in lists["lexical"]]],
+    own = [(c, lang) for c, lang, _ in groups if c == "bundled"]
+    lines = [f"| fusion | k | dense weight | {' | '.join(f'own MRR {lang}' for _, lang in own)} | "
+             f"{' | '.join(f'{c} {lang}' for c, lang, _ in groups)} |",
+             "|---|---|---|" + "---|" * (len(own) + len(groups))]
+    settings = [("rank", k, weight) for k in (1, 5, 20, 60) for weight in (0.5, 1.0, 1.5, 2.0)]
+    settings += [("score", "–", weight) for weight in (0.25, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9)]
+    for fusion, k, weight in settings:
+        cells, mrr = [], []
+        for corpus, _, rows in groups:
+            ranks = []
+            for row in rows:
+                lists = row["candidates"]
+                good = {chunk for mode in lists for chunk, ok, _ in lists[mode] if ok}
+                if fusion == "rank":
+                    fused = reciprocal_rank_fusion([[c for c, *_ in lists["dense"]], [c for c, *_ in lists["lexical"]]],
                                                    k, (weight, 1.0))
-                    ranks.append(next((r for r, c in enumerate(list(fused)[:10], 1) if c in good), None))
-                s = score(ranks)
-                cells.append(f"{s.hit3:.3f} / {s.mrr:.3f}")
-                own += [s.mrr] if corpus == "bundled" else []
-            lines.append(f"| {k} | {weight} | {sum(own) / max(len(own), 1):.3f} | {' | '.join(cells)} |")
+                else:
+                    fused = score_fusion([{c: s for c, _, s in lists["dense"]}, {c: s for c, _, s in lists["lexical"]}],
+                                         (weight, 1.0 - weight))
+                ranks.append(next((r for r, c in enumerate(list(fused)[:10], 1) if c in good), None))
+            s = score(ranks)
+            cells.append(f"{s.hit3:.3f} / {s.mrr:.3f}")
+            mrr += [f"{s.mrr:.3f}"] if corpus == "bundled" else []
+        lines.append(f"| {fusion} | {k} | {weight} | {' | '.join(mrr)} | {' | '.join(cells)} |")
     return lines
 
 
@@ -179,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                              "were built before them")
     parser.add_argument("--json", type=Path, help="also write every question's ranks and relevance here")
     parser.add_argument("--sweep", action="store_true",
-                        help="also print fusion with other RRF constants and dense weights, for multilingual-e5-small")
+                        help="also print fusion by rank and by score with other constants and dense weights, for "
+                             "multilingual-e5-small and bilingual")
     args = parser.parse_args(argv)
     config = ChatConfig()
     results = {}
@@ -202,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {corpus} | {name} | {' | '.join(cells)} |")
     print(f"\n(dense languages: each embedder's own, MiniLM en, e5 and bilingual all; --min-relevance "
           f"{config.min_relevance}, {config.passages} passages, answers quoted from them)")
-    if args.sweep and EMBEDDERS[1] in args.embedders.split(","):
-        print(f"\nFusion of {EMBEDDERS[1]}'s dense ranking with BM25, other settings (hit@3 / MRR; served: k 60, "
-              "weight 1):\n")
-        print("\n".join(sweep(results, EMBEDDERS[1])))
+    for name in EMBEDDERS[1:]:
+        if args.sweep and name in args.embedders.split(","):
+            print(f"\nFusion of {name}'s dense ranking with BM25, other settings (hit@3 / MRR; served: by score "
+                  f"with dense weight {SCORE_FUSION['en']} for English questions, by rank k 60 weight 1 for the "
+                  "others):\n")
+            print("\n".join(sweep(results, name)))
     if args.json:
         args.json.write_text(json.dumps({f"{c}|{e}": r for (c, e), r in results.items()}, ensure_ascii=False,
                                         indent=1), encoding="utf-8")
