@@ -13,7 +13,8 @@ at or above `--min-relevance`.
   everyday, look-alikes and technical questions about software; its train split for the fit, its validation split
   for the threshold, its test split reported).
 The threshold is the highest on a 0.05 grid at which every document question that relevance alone sends to the
-documents still goes there, and the validation requests sent there are fewest. Reported, and used for nothing: the
+documents still goes there, and the validation requests sent there are fewest; or `--threshold` (the shipped router:
+0.15, see README "The router"). The trade of every threshold on the grid is printed. Reported, and used for nothing: the
 safety data's test split and the fresh requests of `chatbot/safety_data/not_trained/requests5.*`. The figures on the
 corpora the project did not write come from `python benchmarks/corpora.py` (README, "How a message is routed").
 """
@@ -87,6 +88,8 @@ def sent_to_documents(router: Router | None, table: np.ndarray, chosen: np.ndarr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.routing_fit", description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help=f"print the figures, do not write {ROUTER_FILE.name}")
+    parser.add_argument("--threshold", type=float,
+                        help="use this threshold instead of choosing one (the figures show what it keeps)")
     args = parser.parse_args(argv)
     config = ChatConfig()
     rows = messages()
@@ -102,8 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     questions = judged & in_set["document questions"]
     validation = judged & in_set["validation"]
     answered = sent_to_documents(None, table, questions)
+    print("| threshold | document questions sent to the model | validation requests sent to the documents |\n"
+          "|---|---|---|")
+    for t in THRESHOLDS:
+        candidate = replace(router, threshold=float(t))
+        print(f"| {t:.2f} | {answered - sent_to_documents(candidate, table, questions)} | "
+              f"{sent_to_documents(candidate, table, validation)} |")
+    print()
     usable = [r for r in (replace(router, threshold=float(t)) for t in THRESHOLDS)
               if sent_to_documents(r, table, questions) == answered]
+    if args.threshold is not None:
+        usable = [replace(router, threshold=args.threshold)]
     if not usable:
         raise SystemExit("no threshold keeps every document question: nothing written")
     router = min(usable, key=lambda r: (sent_to_documents(r, table, validation), -r.threshold))
@@ -124,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['with the router']} |")
     if not args.dry_run:
         router.write(ROUTER_FILE, C=C, figures=figures,
+                     threshold_chosen="given (--threshold)" if args.threshold is not None else
+                     "the highest that keeps every document question",
                      fitted_on="the bundled document questions, chatbot/eval/everyday.jsonl, knowledge/eval/"
                                "out_of_scope.jsonl and the benign train split of chatbot/safety_data/requests*.jsonl")
         print(f"\nwrote {ROUTER_FILE}")

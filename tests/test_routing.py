@@ -96,11 +96,15 @@ def test_the_router_is_a_logistic_regression_fitted_on_labelled_messages(tmp_pat
 
 
 def test_the_shipped_router_is_loaded_and_keeps_its_recorded_document_questions():
-    recorded = json.loads(ROUTER_FILE.read_text(encoding="utf-8"))["figures"]
+    shipped = json.loads(ROUTER_FILE.read_text(encoding="utf-8"))
+    recorded = shipped["figures"]
     assert ROUTER is not None and ROUTER == Router.read()
     for language in ("en", "zh"):
         row = recorded[f"document questions {language}"]
-        assert row["with the router"] == row["relevance alone"] > 0
+        if shipped.get("threshold_chosen", "").startswith("the highest"):
+            assert row["with the router"] == row["relevance alone"] > 0
+        else:  # a given threshold: README "The router" says what it gives up, at most one question in 50
+            assert row["relevance alone"] > 0 and row["with the router"] >= 0.98 * row["relevance alone"]
         fresh = recorded[f"fresh {language}"]
         assert fresh["with the router"] < fresh["relevance alone"]
 
