@@ -105,15 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     questions = judged & in_set["document questions"]
     validation = judged & in_set["validation"]
     answered = sent_to_documents(None, table, questions)
+    candidates = [replace(router, threshold=float(t)) for t in THRESHOLDS]
+    kept = [sent_to_documents(r, table, questions) for r in candidates]
     print("| threshold | document questions sent to the model | validation requests sent to the documents |\n"
           "|---|---|---|")
-    for t in THRESHOLDS:
-        candidate = replace(router, threshold=float(t))
-        print(f"| {t:.2f} | {answered - sent_to_documents(candidate, table, questions)} | "
+    for candidate, questions_kept in zip(candidates, kept, strict=True):
+        print(f"| {candidate.threshold:.2f} | {answered - questions_kept} | "
               f"{sent_to_documents(candidate, table, validation)} |")
     print()
-    usable = [r for r in (replace(router, threshold=float(t)) for t in THRESHOLDS)
-              if sent_to_documents(r, table, questions) == answered]
+    usable = [r for r, questions_kept in zip(candidates, kept, strict=True) if questions_kept == answered]
     if args.threshold is not None:
         usable = [replace(router, threshold=args.threshold)]
     if not usable:
