@@ -65,6 +65,8 @@ def test_without_the_packages_the_app_answers_from_hub_models(tmp_path):
     assert not (tmp_path / "no-models" / EMBEDDED_NAME).exists(), "no GGUF was converted: the package was not there"
     assert reply["backend"] == "onnx int8" and list((tmp_path / "no-models" / "onnx").iterdir()), \
         "the Hub model, its adapter merged, compiled for the default CPU backend"
-    found = run("knowledge", "search", "What does LoRA train?", "--json", "--k", "1")  # builds the default index
+    # (Not "What does LoRA train?": since English is fused by score, the app guide's section on fine-tuning with LoRA
+    # ranks first for it, as it tied with en/lora.md under reciprocal ranks; README, "Fusion that keeps strong...")
+    found = run("knowledge", "search", "How does LoRA work?", "--json", "--k", "1")  # builds the default index
     assert found.returncode == 0, found.stderr[-2000:]
     assert json.loads(found.stdout)[0]["source"] == "en/lora.md"
