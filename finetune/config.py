@@ -9,7 +9,9 @@ saved as config.yaml in the run folder, so `--config RUN/config.yaml` repeats or
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
@@ -40,6 +42,9 @@ class FinetuneConfig:
     lora_dropout: float = _field(0.05, "dropout on the LoRA branch")
     lora_target_modules: list[str] = _field(["all-linear"], "module names LoRA adapts, e.g. q_proj v_proj; "
                                                             "all-linear = every linear layer but the output head")
+    init_adapter: str | None = _field(None, "start from this LoRA adapter folder's weights (go on tuning a shipped "
+                                            "adapter, e.g. chatbot/adapters/gemma3-270m-bilingual) instead of new "
+                                            "ones; its rank and modules replace --lora-r and --lora-target-modules")
     max_length: int = _field(1024, "tokens per training sequence; longer dialogues lose their last turns")
     packing: bool = _field(False, "pack each batch into one padding-free sequence (attention stays within "
                                   "each dialogue)")
@@ -73,6 +78,14 @@ class FinetuneConfig:
             raise ConfigError("no training data: pass --data FILE.jsonl or set `data:` in the --config file")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.init_adapter and self.method == "full":
+            raise ConfigError("--init-adapter starts a LoRA run from an adapter; --method full tunes every weight")
+        if self.init_adapter:
+            settings = Path(self.init_adapter) / "adapter_config.json"
+            if not settings.is_file():
+                raise ConfigError(f"--init-adapter: {self.init_adapter} holds no adapter_config.json")
+            # The adapter's own base unless --model names one: a Gemma adapter on SmolLM2 cannot load.
+            self.model = self.model or json.loads(settings.read_text()).get("base_model_name_or_path")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         for name in ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "eval_steps",

@@ -155,10 +155,12 @@ def load_for_training(config: FinetuneConfig, bf16: bool) -> tuple[PreTrainedMod
         tokenizer.pad_token = tokenizer.eos_token
     if config.method == "full":
         return model, tokenizer
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    if config.init_adapter:
+        return PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True), tokenizer
     targets = config.lora_target_modules
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")

@@ -18,6 +18,7 @@ from chatbot.chat_format import render_prompt
 from chatbot.engine import GenerationOptions, Usage
 from chatbot.hf_engine import TransformersEngine as Engine
 from chatbot.models import DEFAULT_NAME, EMBEDDED_NAME, ModelProfile, load_model, model_profile
+from common.cli import ConfigError
 from finetune.config import EvaluateConfig, FinetuneConfig
 from finetune.data import IGNORE, DataReport, Dialogue, tokenize
 from finetune.evaluate import MixedTokenizer, cases_of, evaluate, score
@@ -45,9 +46,10 @@ def write_dialogues(path, count: int = 40) -> str:
 def tiny_config(model_dir, data, output, **overrides) -> FinetuneConfig:
     # The random model's output layer is adapted too: its logits are nearly uniform, and the LoRA layers
     # inside could not move them far in a few steps.
-    settings = dict(model=str(model_dir), data=data, output_dir=str(output), max_length=128, max_steps=12,
-                    eval_steps=6, logging_steps=1, learning_rate=2e-2, lora_r=8, gradient_accumulation_steps=2,
-                    batch_size=2, warmup=0, lora_target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+    settings = dict(model=str(model_dir) if model_dir else None, data=data, output_dir=str(output), max_length=128,
+                    max_steps=12, eval_steps=6, logging_steps=1, learning_rate=2e-2, lora_r=8,
+                    gradient_accumulation_steps=2, batch_size=2, warmup=0,
+                    lora_target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
     return FinetuneConfig(**settings | overrides)
 
 
@@ -162,6 +164,27 @@ def test_resume_continues_from_the_latest_checkpoint(tiny_model_dir, tmp_path, c
     assert train_main([*flags, "--max-steps", "4", "--resume"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and [row["step"] for row in metrics["eval_log"]] == [2, 4]
+
+
+def test_init_adapter_goes_on_from_a_tuned_adapter(lora_run, tmp_path):
+    """A second stage starts from the adapter's weights on the adapter's own base, not from a fresh LoRA."""
+    data = write_dialogues(tmp_path / "data.jsonl", 16)
+    config = tiny_config(None, data, tmp_path / "second", init_adapter=str(lora_run), max_steps=2, eval_fraction=0,
+                         learning_rate=1e-6)
+    assert config.model == json.loads((lora_run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    second = train(config)
+    fresh = train(tiny_config(config.model, data, tmp_path / "fresh", max_steps=2, eval_fraction=0,
+                              learning_rate=1e-6))
+    first_loss = {run: json.loads((run / "metrics.json").read_text())["train_log"][0]["loss"]
+                  for run in (second, fresh)}
+    assert first_loss[second] < first_loss[fresh] - 1.0, first_loss
+    before, after = load_file(lora_run / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], atol=1e-3) for k in before)  # a tiny learning rate: near its start
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        tiny_config(None, data, tmp_path / "none", init_adapter=str(tmp_path))
+    with pytest.raises(ConfigError, match="full"):
+        tiny_config(None, data, tmp_path / "full", init_adapter=str(lora_run), method="full")
 
 
 def test_full_fine_tuning_with_packing_and_checkpointing(tiny_model_dir, tmp_path):
