@@ -10,8 +10,8 @@ Per language (English, Chinese):
   questions that no shipped adapter's training data asks (TRAINED);
 - everyday: chatbot/eval/everyday.jsonl (32 + 32 requests: writing, arithmetic, advice, small talk ...), asked the same
   way, up to EVERYDAY_TOKENS new tokens: answered = a non-empty reply in the question's language that does not loop
-  (chatbot.engine.LoopCheck over its tokens: the last 8 tokens already occurred twice before) and does not repeat the
-  request (its letters and digits within the reply's);
+  (chatbot.engine.LoopCheck over its tokens: the last 8 tokens already occurred twice before), does not repeat the
+  request (its letters and digits within the reply's) and is not the app's refusal or crisis reply;
 - documents: the first --documents questions per language of knowledge/eval/questions.jsonl, asked through the whole
   assistant (chatbot.assistant.Assistant over a scratch index of the bundled corpus, with the model's profile: a
   model that does not write a language in answers from documents quotes the passages instead), the share whose answer
@@ -41,6 +41,7 @@ from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import LoopCheck, load_engine  # noqa: E402
 from chatbot.evaluate import EVERYDAY, QUESTIONS, key_fact_recall, read_jsonl  # noqa: E402
 from chatbot.onnx_engine import DEFAULT_PRECISION  # noqa: E402
+from chatbot.prompts import REFUSAL, SELF_HARM  # noqa: E402
 from common.language import detect_language, letters  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
@@ -67,17 +68,24 @@ def echoes(request: str, reply: str) -> bool:
     return letters(request) in letters(reply)
 
 
+def refuses(reply: str, language: str) -> bool:
+    """The reply is the app's refusal or crisis reply (a model trained on them can give one to a harmless request;
+    the safety check, not the model, decides what is refused)."""
+    return any(reply.strip().startswith(text[:12]) for text in (REFUSAL[language], SELF_HARM[language]))
+
+
 def everyday(engine, rows: list[dict]) -> dict:
-    tally = {language: {"asked": 0, "answered": 0, "looped": 0, "echoed": 0} for language in LANGUAGES}
+    tally = {language: {"asked": 0, "answered": 0, "looped": 0, "echoed": 0, "refused": 0} for language in LANGUAGES}
     replies = []
     for row in rows:
         reply, _, _ = ask(engine, row["text"], row["language"], EVERYDAY_TOKENS)
-        looped, echoed = loops(engine, reply), echoes(row["text"], reply)
+        looped, echoed, refused = loops(engine, reply), echoes(row["text"], reply), refuses(reply, row["language"])
         figures = tally[row["language"]]
         figures["asked"] += 1
         figures["looped"] += looped
         figures["echoed"] += echoed
-        figures["answered"] += (bool(reply.strip()) and not looped and not echoed
+        figures["refused"] += refused
+        figures["answered"] += (bool(reply.strip()) and not looped and not echoed and not refused
                                 and detect_language(reply, default="") == row["language"])
         replies.append(reply)
     return tally | {"replies": replies}
@@ -120,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(factual)} questions, everyday {len(requests)} requests, document questions {args.documents} per "
           "language through the assistant; per language English / Chinese\n")
     print("| model | factual correct | factual correct, questions no model trained on | factual in the question's "
-          "language | everyday answered in language, no loop | everyday looped / echoed | key fact in answers from "
-          "documents | time to first token | decode tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+          "language | everyday answered in language, no loop | everyday looped, echoed, refused | key fact in answers "
+          "from documents | time to first token | decode tokens/s |\n|---|---|---|---|---|---|---|---|---|")
 
     def pair(key: str, table: dict) -> str:
         return " / ".join(f"{table[language][key]}/{table[language]['asked']}" for language in LANGUAGES)
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (facts, chat, docs) in results.items():
         cells = [pair("correct", facts), " / ".join(fresh(facts["replies"], lang) for lang in LANGUAGES),
                  pair("in_language", facts), pair("answered", chat),
-                 " / ".join(f"{chat[lang]['looped']}, {chat[lang]['echoed']}" for lang in LANGUAGES),
+                 " / ".join(f"{chat[lang]['looped']}, {chat[lang]['echoed']}, {chat[lang]['refused']}"
+                            for lang in LANGUAGES),
                  " / ".join(f"{docs[lang][1]}/{docs[lang][0]}" for lang in LANGUAGES),
                  f"{statistics.median(facts['ttft']):.2f} s", f"{statistics.median(facts['rate']):.0f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
