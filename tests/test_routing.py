@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from chatbot.routing import MIN_VOCABULARY, ROUTER, ROUTER_FILE, Router, decide, is_task, unknown_share
+from chatbot.routing import MAX_UNKNOWN, MIN_VOCABULARY, ROUTER, ROUTER_FILE, Router, decide, is_task, unknown_share
 from chatbot.routing_fit import features, fit, messages, sent_to_documents
 from knowledge.chunking import Chunk
 from knowledge.lexical import LexicalIndex, tokenize
@@ -66,6 +66,19 @@ def test_the_documents_answer_only_when_every_signal_agrees():
     assert decide(spider, [hit(0.4)], large, 0.35).reason == "unknown words"
     assert decide(spider, [hit(0.4)], small, 0.35).kind == "documents", "a small collection's vocabulary is narrow"
     assert decide(spider, [hit(0.6)], large, 0.35).kind == "documents", "a clearly relevant passage is trusted"
+
+
+def test_the_unknown_words_limit_is_the_question_languages():
+    """English paraphrases use words a small corpus lacks: the same share of unknown words stops a Chinese question
+    and not an English one, and a clearly foreign one stops both."""
+    large = index(TEXTS * (MIN_VOCABULARY // len(TEXTS) + 1))
+    english, chinese = "Why does LoRA train small matrices for my spider?", "困惑度等于指数吗？蜘蛛呢"
+    for question in (english, chinese):
+        assert MAX_UNKNOWN["zh"] <= unknown_share(question, large) < MAX_UNKNOWN["en"], question
+    assert decide(english, [hit(0.4)], large, 0.35).kind == "documents"
+    assert decide(chinese, [hit(0.4)], large, 0.35).reason == "unknown words"
+    assert decide(english, [hit(0.4)], large, 0.35, max_unknown=0.5).reason == "unknown words"
+    assert decide("Does LoRA training help a spider?", [hit(0.4)], large, 0.35).reason == "unknown words"
 
 
 def test_the_router_asks_for_closeness_in_meaning_where_the_embedder_read_the_question():
