@@ -9,11 +9,10 @@ saved as config.yaml in the run folder, so `--config RUN/config.yaml` repeats or
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from chatbot.models import ADAPTER_CONFIG, adapter_base
 from chatbot.prompts import DEFAULT_SYSTEM_PROMPT
 from common.cli import ConfigError
 
@@ -78,14 +77,14 @@ class FinetuneConfig:
             raise ConfigError("no training data: pass --data FILE.jsonl or set `data:` in the --config file")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.init_adapter and self.method == "full":
-            raise ConfigError("--init-adapter starts a LoRA run from an adapter; --method full tunes every weight")
         if self.init_adapter:
-            settings = Path(self.init_adapter) / "adapter_config.json"
-            if not settings.is_file():
-                raise ConfigError(f"--init-adapter: {self.init_adapter} holds no adapter_config.json")
+            if self.method == "full":
+                raise ConfigError("--init-adapter starts a LoRA run from an adapter; --method full tunes every weight")
+            base = adapter_base(self.init_adapter)
+            if base is None:
+                raise ConfigError(f"--init-adapter: {self.init_adapter} holds no {ADAPTER_CONFIG}")
             # The adapter's own base unless --model names one: a Gemma adapter on SmolLM2 cannot load.
-            self.model = self.model or json.loads(settings.read_text()).get("base_model_name_or_path")
+            self.model = self.model or base
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         for name in ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "eval_steps",
