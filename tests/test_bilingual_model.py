@@ -104,6 +104,26 @@ def test_the_bilingual_data_holds_out_whole_topics_in_both_languages():
     assert not [d for d in train_set if sources["question"] in d[1]["content"]]
 
 
+def test_the_bilingual_data_teaches_no_refusal():
+    # The safety check refuses before the model runs; a model taught the app's refusal gave it to harmless requests.
+    from benchmarks.models import refuses
+
+    train_set = [json.loads(line)["messages"] for line in (ROOT / "finetune/data/bilingual_train.jsonl").open()]
+    refusing = [d[-1]["content"] for d in train_set for m in d if m["role"] == "assistant"
+                and any(refuses(m["content"], language) for language in ("en", "zh"))]
+    assert not refusing, refusing[:3]
+
+
+def test_the_refusal_benchmark_counts_the_models_refusals_only_where_the_check_let_a_request_through():
+    from benchmarks.refusals import table, tally
+
+    rows = [{"set": "test", "language": "zh", "unsafe": unsafe} for unsafe in (False, False, False, True, True)]
+    counts = tally(rows, checked=[False, True, False, True, False], modelled=[True, True, False, True, True])
+    assert (counts[("test", "zh", False), "check"], counts[("test", "zh", False), "model"]) == (1, 1)
+    assert (counts[("test", "zh", True), "check"], counts[("test", "zh", True), "model"]) == (1, 1)
+    assert "| test | zh | 1 / 1 of 2 / 2 of 3 (67%) | 1 / 1 of 1 / 2 of 2 (100%) |" in table("m", counts)
+
+
 @pytest.mark.slow
 def test_two_steps_of_the_bilingual_recipe_on_the_gemma_base(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
