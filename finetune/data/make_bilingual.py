@@ -9,9 +9,13 @@ It reads the hand-written records in `finetune/data/bilingual/*.jsonl`, one per 
     {"kind": "grounded", "language": "en", "topic": "hr-leave", "passages": [{"label": ..., "text": ...}, ...],
      "question": ..., "answer": ...}
 
-and adds refusals in the app's words (`chatbot.prompts.REFUSAL`, `SELF_HARM`) to the harmful and self-harm requests
-of the safety data's training split (`chatbot/safety_data`, split by intent as `chatbot.safety_train` splits it), and
-the sample dialogues (`finetune/data/sample_dialogues.jsonl`). It writes `finetune/data/bilingual_train.jsonl` and
+and adds the sample dialogues (`finetune/data/sample_dialogues.jsonl`) but those in which the assistant gives the
+app's refusal or crisis reply (`chatbot.prompts.REFUSAL`, `SELF_HARM`): the safety check, which runs before the model,
+decides what is refused. (Until 2026-12-07 the set also taught those replies to 64 harmful and self-harm requests; the
+model then gave the refusal to 12% of the Chinese benign test requests of the safety data that the check let through,
+see README, "A bilingual model".) Among the records, `lookalike_*.jsonl` answers one request of each benign intent of
+the safety data's training split (look-alikes and everyday requests that sound harmful: a wake, a scam warning, a
+game boss); the safety data's test split is other intents. It writes `finetune/data/bilingual_train.jsonl` and
 `finetune/data/bilingual_heldout.jsonl`, one `{"messages": [...]}` conversation per line, rendered as the app renders
 them: the system prompt first, earlier turns as the user typed them, the last user turn through
 `chatbot.prompts.user_turn` (the reply-language line, or the numbered passages for a grounded question).
@@ -47,8 +51,6 @@ HELD_OUT_SHARE = 0.08
 # letters and digits), is dropped, so benchmarks/models.py and benchmarks/quality.py measure unseen requests.
 EVALUATION = [ROOT / "chatbot/eval/everyday.jsonl", ROOT / "chatbot/eval/factual.jsonl"]
 SAME_REQUEST = 0.9
-REFUSALS_PER_KIND = {"harmful": 24, "self_harm": 8}  # per language: a fallback behind the safety check, not its job
-# (with 90 + 30, 10% of the dialogues, the model refused a birthday wish after 100 steps: it must stay rare)
 
 
 def held_out(topic: str) -> bool:
@@ -98,20 +100,11 @@ def written() -> list[tuple[dict, str]]:
     return records
 
 
-def refusals() -> list[dict]:
-    """Refusals in the app's words for harmful and self-harm requests of the safety training split."""
-    from chatbot.safety_train import harm_rows
-
-    rows = [row for row in harm_rows() if row.get("split") == "train" and row.get("kind") in REFUSALS_PER_KIND]
-    chosen = []
-    for language in ("en", "zh"):
-        for kind, count in REFUSALS_PER_KIND.items():
-            group = sorted((r for r in rows if r["language"] == language and r["kind"] == kind),
-                           key=lambda r: hashlib.sha1(r["text"].encode()).hexdigest())
-            reply = (SELF_HARM if kind == "self_harm" else REFUSAL)[language]
-            chosen += [{"kind": "chat", "language": language, "topic": f"refusal-{row['intent']}",
-                        "turns": [{"user": row["text"], "assistant": reply}]} for row in group[:count]]
-    return chosen
+def refuses(messages: list[dict]) -> bool:
+    """The assistant gives the app's refusal or crisis reply (alone or with a suggestion after it) in the dialogue."""
+    replies = [*REFUSAL.values(), *SELF_HARM.values()]
+    return any(m["role"] == "assistant" and m["content"].strip().startswith(reply) for m in messages
+               for reply in replies)
 
 
 def evaluated() -> list[str]:
@@ -131,16 +124,18 @@ def main() -> int:
     train, held = [], []
     counts: Counter[tuple[str, str, str]] = Counter()
     tested, dropped = evaluated(), []
-    for record, source in [*written(), *((r, "refusals") for r in refusals())]:
+    for record, source in written():
         asked = [t["user"] for t in record["turns"]] if record["kind"] == "chat" else [record["question"]]
         if asks_an_evaluated_request(asked, tested):
             dropped.append(record)
             continue
         messages = chat_messages(record) if record["kind"] == "chat" else grounded_messages(record)
-        side = "held-out" if held_out(f"{source}/{record['topic']}") and source != "refusals" else "train"
+        side = "held-out" if held_out(f"{source}/{record['topic']}") else "train"
         (held if side == "held-out" else train).append(messages)
         counts[side, source, record["language"]] += 1
     sample = [json.loads(line)["messages"] for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    refusing = sum(map(refuses, sample))
+    sample = [m for m in sample if not refuses(m)]
     kept = [m for m in sample if not asks_an_evaluated_request(questions(m), tested)]
     dropped += [{"kind": "chat", "turns": [{"user": next(iter(questions(m)))}]} for m in sample if m not in kept]
     sample = kept
@@ -166,6 +161,7 @@ def main() -> int:
         print(f"{key[0]:9} {key[1]:18} {key[2]:6} {count:5}")
     print(f"{len(dropped)} records ask what the evaluation sets ask and were dropped:",
           "; ".join((r["turns"][0]["user"] if r["kind"] == "chat" else r["question"])[:40] for r in dropped))
+    print(f"{refusing} sample dialogues with the app's refusal or crisis reply left out (the safety check refuses)")
     print(f"{len(moved)} dialogues of held-out topics ask or show what training does: trained on")
     print(f"wrote {len(train)} training dialogues to {TRAIN.name} and {len(held)} held-out to {HELD_OUT.name}")
     return 0
