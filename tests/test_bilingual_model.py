@@ -109,7 +109,7 @@ def test_the_bilingual_data_teaches_no_refusal():
     from benchmarks.models import refuses
 
     train_set = [json.loads(line)["messages"] for line in (ROOT / "finetune/data/bilingual_train.jsonl").open()]
-    refusing = [d[-1]["content"] for d in train_set for m in d if m["role"] == "assistant"
+    refusing = [m["content"] for d in train_set for m in d if m["role"] == "assistant"
                 and any(refuses(m["content"], language) for language in ("en", "zh"))]
     assert not refusing, refusing[:3]
 
