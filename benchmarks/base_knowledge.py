@@ -5,12 +5,18 @@ what a tuned model can reach on those questions, whatever the hardware the tunin
 
     python benchmarks/base_knowledge.py                               # Gemma 3 270M base, about 2 minutes on 2 cores
     python benchmarks/base_knowledge.py --models gemma-3-270m,EMBEDDED --show
+    python benchmarks/base_knowledge.py --chat --models gemma-3-270m-bilingual   # a tuned model, as the app asks
 
 Sets: chatbot/eval/factual.jsonl's English questions, its Chinese questions, and the same Chinese questions in
 English (their `question_en`, answered by their English forms). Each question follows three solved examples in its
 language (facts the check does not ask), greedy, up to 24 new tokens; the reply is the first line. Correct: an
 accepted answer appears in it (benchmarks.quality.correct). The last column counts the Chinese questions answered
 in at least one of the two languages.
+
+With `--chat` each model is a tuned chat model asked as the app asks (`benchmarks.quality.ask`: the system prompt,
+the question and its reply-language line, onnx at the default precision, up to 48 new tokens), the same three sets:
+what it knows when a question is put in English against what it says when asked in Chinese. The Chinese questions
+put in English then count an accepted answer in either language (a tuned model may answer them in Chinese).
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import FACTUAL, correct  # noqa: E402
+from benchmarks.quality import FACTUAL, ask, correct  # noqa: E402
+from chatbot.engine import load_engine  # noqa: E402
 from chatbot.evaluate import read_jsonl  # noqa: E402
 from chatbot.models import EMBEDDED_NAME, load_model  # noqa: E402
+from chatbot.onnx_engine import DEFAULT_PRECISION  # noqa: E402
 
 NEW_TOKENS = 24
 # Solved examples: facts chatbot/eval/factual.jsonl does not ask, nor name as an answer.
@@ -58,19 +66,21 @@ def english_answers(row: dict) -> list[str]:
     return [a for a in row["answers"] if a.isascii()] + row.get("answers_en", [])
 
 
-def check(model, tokenizer, rows: list[dict], show: bool = False) -> dict:
+def check(answer, rows: list[dict], show: bool = False, either_language: bool = False) -> dict:
     """Per set: questions asked, answered correctly, and the replies; zh_either: Chinese questions answered in
-    Chinese or in English."""
+    Chinese or in English. `answer(question, language)` is the model's reply; `either_language`: the Chinese
+    questions put in English count their Chinese answers too."""
     sets = {
         "en": [(r["question"], "en", r["answers"]) for r in rows if r["language"] == "en"],
         "zh": [(r["question"], "zh", r["answers"]) for r in rows if r["language"] == "zh"],
-        "zh_in_english": [(r["question_en"], "en", english_answers(r)) for r in rows if r["language"] == "zh"],
+        "zh_in_english": [(r["question_en"], "en", english_answers(r) + (r["answers"] if either_language else []))
+                          for r in rows if r["language"] == "zh"],
     }
     figures: dict = {}
     for name, questions in sets.items():
         hits = []
         for n, (question, language, answers) in enumerate(questions, 1):
-            reply = complete(model, tokenizer, prompt(question, language))
+            reply = answer(question, language)
             hits.append(correct(reply, answers))
             if show and not hits[-1]:
                 print(f"  {name}: {question} -> {reply!r}", flush=True)
@@ -87,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="gemma-3-270m",
                         help=f"comma-separated --model values (a base model, or {EMBEDDED_NAME} for SmolLM2)")
     parser.add_argument("--show", action="store_true", help="print the replies that missed")
+    parser.add_argument("--chat", action="store_true",
+                        help="tuned chat models, asked as the app asks (onnx, the default precision), not few-shot")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     rows = read_jsonl(FACTUAL)
@@ -94,10 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{FACTUAL} has Chinese questions without question_en")
     results = {}
     for spec in args.models.split(","):
+        if args.chat:
+            engine = load_engine(spec, "onnx", "cpu", precision=DEFAULT_PRECISION)
+            results[f"{engine.name} ({engine.backend})"] = check(
+                lambda question, language, engine=engine: ask(engine, question, language)[0], rows, args.show, True)
+            continue
         model, tokenizer, name = load_model(spec, device="cpu", dtype=torch.float32)
         model.eval()
-        results[name] = check(model, tokenizer, rows, args.show)
-    print("\n| model, few-shot, untuned | English questions | Chinese questions | the Chinese questions in English "
+        results[name] = check(lambda question, language, model=model, tokenizer=tokenizer:
+                              complete(model, tokenizer, prompt(question, language)), rows, args.show)
+    how = "as the app asks" if args.chat else "few-shot, untuned"
+    print(f"\n| model, {how} | English questions | Chinese questions | the Chinese questions in English "
           "| Chinese questions answered in either |")
     print("|---|---|---|---|---|")
     for name, f in results.items():

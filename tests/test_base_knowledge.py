@@ -3,7 +3,7 @@ away an answer, and every Chinese question must have an English wording and an E
 
 from __future__ import annotations
 
-from benchmarks.base_knowledge import SHOTS, english_answers, prompt
+from benchmarks.base_knowledge import SHOTS, check, english_answers, prompt
 from benchmarks.quality import FACTUAL, correct
 from chatbot.evaluate import read_jsonl
 
@@ -30,3 +30,15 @@ def test_the_prompt_ends_with_the_question_in_the_examples_format():
     text = prompt("太阳系中最大的行星是哪一颗？", "zh")
     assert text.count("问：") == 4 and text.endswith("问：太阳系中最大的行星是哪一颗？\n答：")
     assert prompt("Why?", "en").endswith("Q: Why?\nA:") and "Lisbon" in prompt("Why?", "en")
+
+
+def test_a_chat_model_that_answers_an_english_question_in_chinese_is_scored_by_either_form():
+    row = next(r for r in ROWS if r["language"] == "zh" and not r["answers"][0].isascii())
+    def replies_in_chinese(question: str, language: str) -> str:  # knows the fact, always says it in Chinese
+        return row["answers"][0] if question in (row["question"], row["question_en"]) else "不知道"
+
+    few_shot = check(replies_in_chinese, [row])
+    chat = check(replies_in_chinese, [row], either_language=True)
+    assert few_shot["zh"]["correct"] == chat["zh"]["correct"] == 1
+    assert few_shot["zh_in_english"]["correct"] == 0 and chat["zh_in_english"]["correct"] == 1
+    assert chat["zh_either"] == 1 and check(lambda question, language: "不知道", [row])["zh_either"] == 0
