@@ -26,7 +26,8 @@ corpus is built into a new index with each embedder (all-MiniLM-L6-v2, multiling
 
 A question is found at rank r when the r-th hit comes from its expected source and contains its key phrase
 (`knowledge.evaluate`). Printed: hit@1, hit@3 and MRR@10 per corpus, language, embedder and mode, and the false
-declines; `--json FILE` also writes every question's ranks.
+declines; how many questions have an answering passage among the first 3, 10 and 50 of either ranking (what fusion
+and ranking choose from); `--json FILE` also writes every question's ranks.
 """
 
 from __future__ import annotations
@@ -159,6 +160,24 @@ def sweep(results: dict, name: str) -> list[str]:
     return lines
 
 
+def reach(rows: list[dict], depth: int) -> int:
+    """How many of `rows` (questions with their kept candidates) have a passage that answers them among the first
+    `depth` of the dense or of the BM25 ranking: what a better ordering of those candidates could put first."""
+    return sum(any(ok for ranking in row["candidates"].values() for _, ok, _ in ranking[:depth]) for row in rows)
+
+
+def reach_table(results: dict) -> list[str]:
+    lines = ["| corpus | language | questions | embedder | fused hit@3 | answer among either ranking's first 3 / 10 / "
+             f"{POOL} |", "|---|---|---|---|---|---|"]
+    for (corpus, name), found in results.items():
+        for language in sorted({row["language"] for row in found["questions"]}):
+            rows = [row for row in found["questions"] if row["language"] == language]
+            hit3 = score([row["ranks"]["fused"] for row in rows]).hit3
+            lines.append(f"| {corpus} | {language} | {len(rows)} | {name} | {hit3:.3f} | "
+                         f"{' / '.join(str(reach(rows, depth)) for depth in (3, 10, POOL))} |")
+    return lines
+
+
 def table(results: dict) -> list[str]:
     lines = ["| corpus | language | questions | embedder | chunks/s | dense hit@1 / hit@3 / MRR | BM25 | fused | "
              "key fact: in the passages / in the answer | false \"not covered\" | refused as unsafe |",
@@ -204,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[corpus, label] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config,
                                                      sentences)
     print("\n".join(table(results)))
+    print("\nWhere the answer is among the candidates (fusion and ranking choose among them):\n")
+    print("\n".join(reach_table(results)))
     print("\nEveryday requests sent to the documents (answered with quotes of unrelated passages), relevance alone / "
           "with the router:\n\n| corpus | embedder | en | zh |\n|---|---|---|---|")
     for (corpus, name), found in results.items():
