@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.chat:
             engine = load_engine(spec, "onnx", "cpu", precision=DEFAULT_PRECISION)
             results[f"{engine.name} ({engine.backend})"] = check(
-                lambda question, language, engine=engine: ask(engine, question, language)[0], rows, args.show, True)
+                lambda question, language, engine=engine: ask(engine, question, language)[0], rows, args.show,
+                either_language=True)
             continue
         model, tokenizer, name = load_model(spec, device="cpu", dtype=torch.float32)
         model.eval()

@@ -37,6 +37,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,15 +167,20 @@ def reach(rows: list[dict], depth: int) -> int:
     return sum(any(ok for ranking in row["candidates"].values() for _, ok, _ in ranking[:depth]) for row in rows)
 
 
+def by_language(results: dict) -> Iterator[tuple[str, str, dict, str, list[dict]]]:
+    """(corpus, embedder, its results, language, that language's questions) for each table row."""
+    for (corpus, name), found in results.items():
+        for language in sorted({row["language"] for row in found["questions"]}):
+            yield corpus, name, found, language, [row for row in found["questions"] if row["language"] == language]
+
+
 def reach_table(results: dict) -> list[str]:
     lines = ["| corpus | language | questions | embedder | fused hit@3 | answer among either ranking's first 3 / 10 / "
              f"{POOL} |", "|---|---|---|---|---|---|"]
-    for (corpus, name), found in results.items():
-        for language in sorted({row["language"] for row in found["questions"]}):
-            rows = [row for row in found["questions"] if row["language"] == language]
-            hit3 = score([row["ranks"]["fused"] for row in rows]).hit3
-            lines.append(f"| {corpus} | {language} | {len(rows)} | {name} | {hit3:.3f} | "
-                         f"{' / '.join(str(reach(rows, depth)) for depth in (3, 10, POOL))} |")
+    for corpus, name, _, language, rows in by_language(results):
+        hit3 = score([row["ranks"]["fused"] for row in rows]).hit3
+        lines.append(f"| {corpus} | {language} | {len(rows)} | {name} | {hit3:.3f} | "
+                     f"{' / '.join(str(reach(rows, depth)) for depth in (3, 10, POOL))} |")
     return lines
 
 
@@ -182,19 +188,17 @@ def table(results: dict) -> list[str]:
     lines = ["| corpus | language | questions | embedder | chunks/s | dense hit@1 / hit@3 / MRR | BM25 | fused | "
              "key fact: in the passages / in the answer | false \"not covered\" | refused as unsafe |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (corpus, name), found in results.items():
-        for language in sorted({row["language"] for row in found["questions"]}):
-            rows = [row for row in found["questions"] if row["language"] == language]
-            cells = []
-            for mode in MODES:
-                s = score([row["ranks"][mode] for row in rows])
-                cells.append(f"{s.hit1:.3f} / {s.hit3:.3f} / {s.mrr:.3f}")
-            declined, facts = sum(row["declined"] for row in rows), sum(row["key fact"] for row in rows)
-            refused = sum(row["refused"] for row in rows)
-            given = sum(row["in passages"] for row in rows)
-            lines.append(f"| {corpus} | {language} | {len(rows)} | {name} | {found['chunks'] / found['seconds']:.0f} "
-                         f"| {' | '.join(cells)} | {given} / {facts} of {len(rows)} | {declined}/{len(rows)} "
-                         f"| {refused}/{len(rows)} |")
+    for corpus, name, found, language, rows in by_language(results):
+        cells = []
+        for mode in MODES:
+            s = score([row["ranks"][mode] for row in rows])
+            cells.append(f"{s.hit1:.3f} / {s.hit3:.3f} / {s.mrr:.3f}")
+        declined, facts = sum(row["declined"] for row in rows), sum(row["key fact"] for row in rows)
+        refused = sum(row["refused"] for row in rows)
+        given = sum(row["in passages"] for row in rows)
+        lines.append(f"| {corpus} | {language} | {len(rows)} | {name} | {found['chunks'] / found['seconds']:.0f} "
+                     f"| {' | '.join(cells)} | {given} / {facts} of {len(rows)} | {declined}/{len(rows)} "
+                     f"| {refused}/{len(rows)} |")
     return lines
 
 
