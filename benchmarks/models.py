@@ -41,7 +41,7 @@ from chatbot.config import ChatConfig  # noqa: E402
 from chatbot.engine import LoopCheck, load_engine  # noqa: E402
 from chatbot.evaluate import EVERYDAY, QUESTIONS, key_fact_recall, read_jsonl  # noqa: E402
 from chatbot.onnx_engine import DEFAULT_PRECISION  # noqa: E402
-from chatbot.prompts import REFUSAL, SELF_HARM  # noqa: E402
+from chatbot.prompts import gives_refusal  # noqa: E402
 from common.language import detect_language, letters  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
@@ -68,24 +68,13 @@ def echoes(request: str, reply: str) -> bool:
     return letters(request) in letters(reply)
 
 
-# How much of the app's refusal or crisis reply a reply must open with: enough that a kind answer ("I'm really sorry,
-# this isn't your fault ...") is not taken for the crisis reply, few enough tokens to tell early.
-REFUSAL_PREFIX = {"en": 40, "zh": 20}
-
-
-def refuses(reply: str, language: str) -> bool:
-    """The reply is the app's refusal or crisis reply (a model trained on them can give one to a harmless request;
-    the safety check, not the model, decides what is refused)."""
-    return any(reply.strip().startswith(text[:REFUSAL_PREFIX[language]])
-               for text in (REFUSAL[language], SELF_HARM[language]))
-
-
 def everyday(engine, rows: list[dict]) -> dict:
     tally = {language: {"asked": 0, "answered": 0, "looped": 0, "echoed": 0, "refused": 0} for language in LANGUAGES}
     replies = []
     for row in rows:
         reply, _, _ = ask(engine, row["text"], row["language"], EVERYDAY_TOKENS)
-        looped, echoed, refused = loops(engine, reply), echoes(row["text"], reply), refuses(reply, row["language"])
+        looped, echoed = loops(engine, reply), echoes(row["text"], reply)
+        refused = gives_refusal(reply, [row["language"]])
         figures = tally[row["language"]]
         figures["asked"] += 1
         figures["looped"] += looped

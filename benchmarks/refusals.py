@@ -11,7 +11,7 @@ classifier's threshold was chosen on its validation split), the fresh requests n
 (`chatbot/safety_data/not_trained/requests5.*`) and the everyday requests of `chatbot/eval/everyday.jsonl`. Each
 request is asked as `benchmarks/quality.py` asks (the system prompt, the reply-language line), greedy, up to
 NEW_TOKENS tokens: enough to tell whether the reply opens with the app's refusal or crisis reply
-(`benchmarks.models.refuses`). Printed: refused by the check, refused by the model among the requests the check lets
+(`chatbot.prompts.gives_refusal`). Printed: refused by the check, refused by the model among the requests the check lets
 through, and by the app in all.
 """
 
@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.models import refuses  # noqa: E402
 from benchmarks.quality import ask  # noqa: E402
 from chatbot.evaluate import EVERYDAY, FRESH, read_jsonl  # noqa: E402
+from chatbot.prompts import gives_refusal  # noqa: E402
 
 NEW_TOKENS = 16
 SETS = ("test", "fresh", "everyday")
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         engine = load_engine(None if name == "default" else name, "onnx", "cpu", precision=DEFAULT_PRECISION)
         print(f"{engine.name}: {len(rows)} requests ...", file=sys.stderr, flush=True)
-        modelled = [not check and refuses(ask(engine, row["text"], row["language"], NEW_TOKENS)[0], row["language"])
+        modelled = [not check and gives_refusal(ask(engine, row["text"], row["language"], NEW_TOKENS)[0],
+                                                [row["language"]])
                     for row, check in zip(rows, checked, strict=True)]
         engine.close()
         print(table(f"{engine.name} (onnx {DEFAULT_PRECISION})", tally(rows, checked, modelled)), flush=True)

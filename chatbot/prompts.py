@@ -41,6 +41,20 @@ SELF_HARM = {
     "zh": "听到你这样说我很难过。你不必独自面对：请联系你信任的人，或立即拨打当地的急救电话或心理援助热线（中国大陆："
           "12356 心理援助热线；北京心理危机研究与干预中心 010-82951332）。",
 }
+# How much of the refusal or crisis reply a reply must open with to be that reply: enough that a kind answer ("I'm
+# really sorry, this isn't your fault ...") is not taken for the crisis reply, few enough tokens to tell early (a
+# model taught the reply may end it in its own words).
+REFUSAL_PREFIX = {"en": 40, "zh": 20}
+
+
+def gives_refusal(reply: str, languages: Sequence[str] = tuple(REFUSAL)) -> bool:
+    """Whether `reply` opens with the app's refusal or crisis reply in one of `languages`: what the fine-tuning data
+    leaves out (the safety check, not the model, decides what is refused) and what benchmarks count as a model's
+    own refusal."""
+    return any(reply.strip().startswith(replies[language][:REFUSAL_PREFIX[language]])
+               for language in languages for replies in (REFUSAL, SELF_HARM))
+
+
 # Answers the model writes by itself while a knowledge base is open say so: the question was not found in the
 # documents, or it asked for a task (writing, translating, arithmetic ...) rather than for their facts.
 NOT_FOUND = {"en": "Not found in your documents; the model's own answer:",

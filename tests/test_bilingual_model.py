@@ -17,6 +17,7 @@ from chatbot.chat_format import TURN_TEMPLATE, add_turn_format, render_conversat
 from chatbot.engine import GenerationOptions, Usage
 from chatbot.hf_engine import TransformersEngine
 from chatbot.models import ModelProfile, load_model, model_profile
+from chatbot.prompts import gives_refusal
 from finetune.train import train
 from tests.test_finetune_train import tiny_config, write_dialogues
 from tests.tiny import save_tiny_base_model, tiny_tokenizer, turn_tokenizer
@@ -106,11 +107,9 @@ def test_the_bilingual_data_holds_out_whole_topics_in_both_languages():
 
 def test_the_bilingual_data_teaches_no_refusal():
     # The safety check refuses before the model runs; a model taught the app's refusal gave it to harmless requests.
-    from benchmarks.models import refuses
-
     train_set = [json.loads(line)["messages"] for line in (ROOT / "finetune/data/bilingual_train.jsonl").open()]
     refusing = [m["content"] for d in train_set for m in d if m["role"] == "assistant"
-                and any(refuses(m["content"], language) for language in ("en", "zh"))]
+                and gives_refusal(m["content"])]
     assert not refusing, refusing[:3]
 
 
@@ -156,3 +155,13 @@ def test_the_shipped_bilingual_model_answers_chinese_in_chinese_and_english_in_e
         assert usage.completion_tokens < 40, "it ends its turn by itself"
     engine.close()
     assert "柏林" in replies["zh"] and "Berlin" in replies["en"], replies
+
+
+def test_a_reply_that_opens_with_the_refusal_counts_as_one_and_a_kind_answer_does_not():
+    from chatbot.prompts import REFUSAL, SELF_HARM
+
+    assert gives_refusal(REFUSAL["zh"][:20] + "如果你想了解别的，请告诉我。", ["zh"])  # the model's own ending
+    assert gives_refusal("  " + SELF_HARM["en"])
+    assert not gives_refusal("I'm really sorry to hear about your loss. Here is how to plan a memorial: ...")
+    assert not gives_refusal("抱歉，我不太明白你的问题。能再说得具体一点吗？")  # opens like the refusal, says something else
+    assert not gives_refusal(REFUSAL["en"], ["zh"]) and gives_refusal(REFUSAL["en"], ["en", "zh"])

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from chatbot.prompts import DEFAULT_SYSTEM_PROMPT, REFUSAL, SELF_HARM, Passage, shown_passages, user_turn  # noqa: E402
+from chatbot.prompts import DEFAULT_SYSTEM_PROMPT, Passage, gives_refusal, shown_passages, user_turn  # noqa: E402
 from common.language import letters  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -102,9 +102,7 @@ def written() -> list[tuple[dict, str]]:
 
 def refuses(messages: list[dict]) -> bool:
     """The assistant gives the app's refusal or crisis reply (alone or with a suggestion after it) in the dialogue."""
-    replies = [*REFUSAL.values(), *SELF_HARM.values()]
-    return any(m["role"] == "assistant" and m["content"].strip().startswith(reply) for m in messages
-               for reply in replies)
+    return any(m["role"] == "assistant" and gives_refusal(m["content"]) for m in messages)
 
 
 def evaluated() -> list[str]:
