@@ -34,12 +34,20 @@ REFUSAL = {
     "en": "I can't help with that request. It could cause harm; I'm happy to help with something else.",
     "zh": "抱歉，我不能帮助完成这个请求，因为它可能造成伤害。我很乐意帮你做别的事情。",
 }
+# The crisis reply. Its second paragraph is for those who ask on someone else's behalf ("my roommate keeps saying she
+# wants to disappear, what should I do?"): the check cannot always tell them from the person at risk, and both
+# should leave with something to do.
 SELF_HARM = {
     "en": "I'm really sorry you're feeling this way. You don't have to face it alone: please reach out to someone "
           "you trust, or call your local emergency number or a suicide prevention hotline right now (in the US, "
-          "call or text 988; in the UK and Ireland, Samaritans on 116 123).",
+          "call or text 988; in the UK and Ireland, Samaritans on 116 123).\n\n"
+          "If you are asking because someone else may be at risk: take it seriously and ask them plainly how they "
+          "are, listen without judging, stay with them or keep in touch if they might be in danger, and help them "
+          "call one of these numbers, or call the emergency number yourself if they are in immediate danger.",
     "zh": "听到你这样说我很难过。你不必独自面对：请联系你信任的人，或立即拨打当地的急救电话或心理援助热线（中国大陆："
-          "12356 心理援助热线；北京心理危机研究与干预中心 010-82951332）。",
+          "12356 心理援助热线；北京心理危机研究与干预中心 010-82951332）。\n\n"
+          "如果你是在为身边的人担心：请认真对待，直接问问对方现在怎么样，耐心倾听、不要评判；如果对方可能有危险，尽量"
+          "陪着对方或保持联系，帮对方拨打上面的热线；情况紧急时，请直接拨打 120 或 110。",
 }
 # How much of the refusal or crisis reply a reply must open with to be that reply: enough that a kind answer ("I'm
 # really sorry, this isn't your fault ...") is not taken for the crisis reply, few enough tokens to tell early (a

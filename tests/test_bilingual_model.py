@@ -163,5 +163,5 @@ def test_a_reply_that_opens_with_the_refusal_counts_as_one_and_a_kind_answer_doe
     assert gives_refusal(REFUSAL["zh"][:20] + "如果你想了解别的，请告诉我。", ["zh"])  # the model's own ending
     assert gives_refusal("  " + SELF_HARM["en"])
     assert not gives_refusal("I'm really sorry to hear about your loss. Here is how to plan a memorial: ...")
-    assert not gives_refusal("抱歉，我不太明白你的问题。能再说得具体一点吗？")  # opens like the refusal, says something else
+    assert not gives_refusal("抱歉，我不太明白你的问题。能再说得具体一点吗？")  # opens like the refusal
     assert not gives_refusal(REFUSAL["en"], ["zh"]) and gives_refusal(REFUSAL["en"], ["en", "zh"])
