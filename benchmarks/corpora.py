@@ -184,6 +184,22 @@ def reach_table(results: dict) -> list[str]:
     return lines
 
 
+def declines_by_language(results: dict) -> list[str]:
+    """False "not covered" per embedder and language over every corpus measured (the issue's goal is per language),
+    with the corpus that declines the largest share beside it."""
+    pooled: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+    for corpus, name, _, language, rows in by_language(results):
+        pooled.setdefault((name, language), []).append((corpus, sum(row["declined"] for row in rows), len(rows)))
+    lines = ["| embedder | language | false \"not covered\", all corpora | corpus with the largest share |",
+             "|---|---|---|---|"]
+    for (name, language), counts in pooled.items():
+        declined, asked = sum(count for _, count, _ in counts), sum(rows for _, _, rows in counts)
+        corpus, count, rows = max(counts, key=lambda c: c[1] / c[2])
+        worst = f"{corpus} {count}/{rows} ({count / rows:.1%})" if count else "–"
+        lines.append(f"| {name} | {language} | {declined}/{asked} ({declined / asked:.1%}) | {worst} |")
+    return lines
+
+
 def table(results: dict) -> list[str]:
     lines = ["| corpus | language | questions | embedder | chunks/s | dense hit@1 / hit@3 / MRR | BM25 | fused | "
              "key fact: in the passages / in the answer | false \"not covered\" | refused as unsafe |",
@@ -227,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[corpus, label] = measure(folder, read_jsonl(QUESTION_SETS[corpus]), embedder, config,
                                                      sentences)
     print("\n".join(table(results)))
+    print("\nDocument questions routed away as not covered, per language over every corpus:\n")
+    print("\n".join(declines_by_language(results)))
     print("\nWhere the answer is among the candidates (fusion and ranking choose among them):\n")
     print("\n".join(reach_table(results)))
     print("\nEveryday requests sent to the documents (answered with quotes of unrelated passages), relevance alone / "

@@ -3,7 +3,7 @@ of any fusion or reranking of those candidates."""
 
 from __future__ import annotations
 
-from benchmarks.corpora import reach, reach_table
+from benchmarks.corpora import declines_by_language, reach, reach_table
 
 
 def question(dense: list[bool], lexical: list[bool], fused: int | None) -> dict:
@@ -25,3 +25,16 @@ def test_the_table_has_a_row_per_corpus_and_language_with_the_fused_hit_at_3():
     rows = [question([True], [False], 1), question([False], [False] * 9 + [True], 10)]
     lines = reach_table({("vim-zh", "bilingual"): {"questions": rows}})
     assert lines[2] == "| vim-zh | zh | 2 | bilingual | 0.500 | 1 / 2 / 2 |"
+
+
+def test_false_declines_are_pooled_per_language_over_the_corpora_with_the_worst_corpus_named():
+    def asked(language: str, declined: int, total: int) -> list[dict]:
+        return [{"language": language, "declined": i < declined} for i in range(total)]
+
+    results = {("bundled", "bilingual"): {"questions": asked("en", 1, 61) + asked("zh", 3, 57)},
+               ("man-zh", "bilingual"): {"questions": asked("zh", 3, 38)},
+               ("rust-zh", "bilingual"): {"questions": asked("zh", 0, 44)},
+               ("cargo", "bilingual"): {"questions": asked("en", 0, 40)}}
+    lines = declines_by_language(results)
+    assert lines[2:] == ["| bilingual | en | 1/101 (1.0%) | bundled 1/61 (1.6%) |",
+                         "| bilingual | zh | 6/139 (4.3%) | man-zh 3/38 (7.9%) |"]
