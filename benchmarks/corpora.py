@@ -26,8 +26,9 @@ corpus is built into a new index with each embedder (all-MiniLM-L6-v2, multiling
 
 A question is found at rank r when the r-th hit comes from its expected source and contains its key phrase
 (`knowledge.evaluate`). Printed: hit@1, hit@3 and MRR@10 per corpus, language, embedder and mode, and the false
-declines; how many questions have an answering passage among the first 3, 10 and 50 of either ranking (what fusion
-and ranking choose from); `--json FILE` also writes every question's ranks.
+declines, also per language over all the corpora (the goal is per language); how many questions have an answering
+passage among the first 3, 10 and 50 of either ranking (what fusion and ranking choose from); `--json FILE` also
+writes every question's ranks.
 """
 
 from __future__ import annotations
@@ -184,19 +185,23 @@ def reach_table(results: dict) -> list[str]:
     return lines
 
 
+DECLINE_GOAL = 0.05  # issue 23: at most 5% of the document questions routed away as not covered, per language
+
+
 def declines_by_language(results: dict) -> list[str]:
-    """False "not covered" per embedder and language over every corpus measured (the issue's goal is per language),
-    with the corpus that declines the largest share beside it."""
+    """False "not covered" per embedder and language over every corpus measured (the goal is per language), with
+    the corpora above the goal by themselves."""
     pooled: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
     for corpus, name, _, language, rows in by_language(results):
         pooled.setdefault((name, language), []).append((corpus, sum(row["declined"] for row in rows), len(rows)))
-    lines = ["| embedder | language | false \"not covered\", all corpora | corpus with the largest share |",
+    lines = [f"| embedder | language | false \"not covered\", all corpora | corpora above {DECLINE_GOAL:.0%} |",
              "|---|---|---|---|"]
     for (name, language), counts in pooled.items():
-        declined, asked = sum(count for _, count, _ in counts), sum(rows for _, _, rows in counts)
-        corpus, count, rows = max(counts, key=lambda c: c[1] / c[2])
-        worst = f"{corpus} {count}/{rows} ({count / rows:.1%})" if count else "–"
-        lines.append(f"| {name} | {language} | {declined}/{asked} ({declined / asked:.1%}) | {worst} |")
+        declined, asked = sum(count for _, count, _ in counts), sum(total for _, _, total in counts)
+        over = [f"{corpus} {count}/{total} ({count / total:.1%})" for corpus, count, total in counts
+                if count / total > DECLINE_GOAL]
+        share = f"{declined}/{asked} ({declined / asked:.1%})"
+        lines.append(f"| {name} | {language} | {share} | {', '.join(over) or '–'} |")
     return lines
 
 

@@ -74,7 +74,7 @@ def everyday(engine, rows: list[dict]) -> dict:
     for row in rows:
         reply, _, _ = ask(engine, row["text"], row["language"], EVERYDAY_TOKENS)
         looped, echoed = loops(engine, reply), echoes(row["text"], reply)
-        refused = gives_refusal(reply, [row["language"]])
+        refused = gives_refusal(reply, row["language"])
         figures = tally[row["language"]]
         figures["asked"] += 1
         figures["looped"] += looped

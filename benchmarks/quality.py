@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +37,11 @@ FACTUAL = ROOT / "chatbot" / "eval" / "factual.jsonl"
 NEW_TOKENS = 48
 
 
-def ask(engine, question: str, language: str, new_tokens: int = NEW_TOKENS) -> tuple[str, float, float]:
-    """(reply, time to first token, decode tokens/s)."""
-    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+def ask(engine, question: str, language: str, new_tokens: int = NEW_TOKENS, system: str = DEFAULT_SYSTEM_PROMPT,
+        earlier: Sequence[dict] = ()) -> tuple[str, float, float]:
+    """(reply, time to first token, decode tokens/s); `earlier`: turns before the question (none by default: a
+    first question, as the checks ask)."""
+    messages = [{"role": "system", "content": system}, *earlier,
                 {"role": "user", "content": user_turn(question, language)}]
     usage, text, first = Usage(), "", None
     start = time.perf_counter()

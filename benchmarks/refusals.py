@@ -11,8 +11,8 @@ classifier's threshold was chosen on its validation split), the fresh requests n
 (`chatbot/safety_data/not_trained/requests5.*`) and the everyday requests of `chatbot/eval/everyday.jsonl`. Each
 request is asked as `benchmarks/quality.py` asks (the system prompt, the reply-language line), greedy, up to
 NEW_TOKENS tokens: enough to tell whether the reply opens with the app's refusal or crisis reply
-(`chatbot.prompts.gives_refusal`). Printed: refused by the check, refused by the model among the requests the check lets
-through, and by the app in all.
+(`chatbot.prompts.gives_refusal`). Printed: refused by the check, refused by the model among the requests the check
+lets through, and by the app in all.
 """
 
 from __future__ import annotations
@@ -86,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         engine = load_engine(None if name == "default" else name, "onnx", "cpu", precision=DEFAULT_PRECISION)
         print(f"{engine.name}: {len(rows)} requests ...", file=sys.stderr, flush=True)
-        modelled = [not check and gives_refusal(ask(engine, row["text"], row["language"], NEW_TOKENS)[0],
-                                                [row["language"]])
-                    for row, check in zip(rows, checked, strict=True)]
+        modelled = [not check and gives_refusal(ask(engine, row["text"], language, NEW_TOKENS)[0], language)
+                    for row, check in zip(rows, checked, strict=True) for language in [row["language"]]]
         engine.close()
         print(table(f"{engine.name} (onnx {DEFAULT_PRECISION})", tally(rows, checked, modelled)), flush=True)
         if args.show:

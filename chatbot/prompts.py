@@ -55,12 +55,12 @@ SELF_HARM = {
 REFUSAL_PREFIX = {"en": 40, "zh": 20}
 
 
-def gives_refusal(reply: str, languages: Sequence[str] = tuple(REFUSAL)) -> bool:
-    """Whether `reply` opens with the app's refusal or crisis reply in one of `languages`: what the fine-tuning data
-    leaves out (the safety check, not the model, decides what is refused) and what benchmarks count as a model's
-    own refusal."""
-    return any(reply.strip().startswith(replies[language][:REFUSAL_PREFIX[language]])
-               for language in languages for replies in (REFUSAL, SELF_HARM))
+def gives_refusal(reply: str, language: str | None = None) -> bool:
+    """Whether `reply` opens with the app's refusal or crisis reply in `language` (in any, by default): what the
+    fine-tuning data leaves out (the safety check, not the model, decides what is refused) and what benchmarks count
+    as a model's own refusal."""
+    return any(reply.strip().startswith(replies[code][:REFUSAL_PREFIX[code]])
+               for code in ([language] if language else REFUSAL) for replies in (REFUSAL, SELF_HARM))
 
 
 # Answers the model writes by itself while a knowledge base is open say so: the question was not found in the

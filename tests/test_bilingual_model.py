@@ -156,12 +156,3 @@ def test_the_shipped_bilingual_model_answers_chinese_in_chinese_and_english_in_e
     engine.close()
     assert "柏林" in replies["zh"] and "Berlin" in replies["en"], replies
 
-
-def test_a_reply_that_opens_with_the_refusal_counts_as_one_and_a_kind_answer_does_not():
-    from chatbot.prompts import REFUSAL, SELF_HARM
-
-    assert gives_refusal(REFUSAL["zh"][:20] + "如果你想了解别的，请告诉我。", ["zh"])  # the model's own ending
-    assert gives_refusal("  " + SELF_HARM["en"])
-    assert not gives_refusal("I'm really sorry to hear about your loss. Here is how to plan a memorial: ...")
-    assert not gives_refusal("抱歉，我不太明白你的问题。能再说得具体一点吗？")  # opens like the refusal
-    assert not gives_refusal(REFUSAL["en"], ["zh"]) and gives_refusal(REFUSAL["en"], ["en", "zh"])

@@ -48,8 +48,10 @@ HELD_OUT = HERE / "bilingual_heldout.jsonl"
 SAMPLE = HERE / "sample_dialogues.jsonl"
 HELD_OUT_SHARE = 0.08
 # The app's own evaluation sets: a training request that is one of theirs, or nearly (SequenceMatcher ratio of the
-# letters and digits), is dropped, so benchmarks/models.py and benchmarks/quality.py measure unseen requests.
-EVALUATION = [ROOT / "chatbot/eval/everyday.jsonl", ROOT / "chatbot/eval/factual.jsonl"]
+# letters and digits), is dropped, so benchmarks/models.py and benchmarks/quality.py measure unseen requests
+# (and benchmarks/base_knowledge.py --prompts chooses on unseen ones).
+EVALUATION = [ROOT / "chatbot/eval/everyday.jsonl", ROOT / "chatbot/eval/factual.jsonl",
+              ROOT / "chatbot/eval/factual_validation.jsonl"]
 SAME_REQUEST = 0.9
 
 
