@@ -42,6 +42,7 @@ from chatbot.prompts import (
     BAD_HISTORY,
     CANNOT_WRITE,
     EMPTY_MESSAGE,
+    HELP_LINES,
     NOT_COVERED,
     NOT_FOUND,
     NOT_IN_DOCUMENTS,
@@ -243,6 +244,8 @@ class Assistant:
         if intent in ("harmful", "self_harm"):
             reply = localized(REFUSAL if intent == "harmful" else SELF_HARM, language)
             return Turn(language, "refused", _fixed(reply), messages=plain, started=started)
+        if intent == "help_lines":  # the numbers written into the app, not the model's guess at them
+            return Turn(language, "help", _fixed(localized(HELP_LINES, language)), messages=plain, started=started)
         if intent == "small_talk" or self.retriever is None:
             if not engine.profile.writes(language, grounded=False):
                 # The same note on every surface (page, /chat, /v1, CLI), rather than the model's garbled words.

@@ -28,11 +28,14 @@ def _any(patterns: list[str], text: str) -> bool:
 
 
 def classify(text: str, guard: SafetyGuard | None = None) -> str:
-    """"harmful", "self_harm", "small_talk" or "question"; `guard` adds a guard model to the safety patterns."""
+    """"harmful", "self_harm", "help_lines" (asks for a crisis line), "small_talk" or "question"; `guard` adds the
+    learned classifiers (and a guard model) to the safety patterns."""
     text = text.strip()
     verdict = guard.judge(text) if guard else judge(text)
     if verdict.harmful:
         return "self_harm" if verdict.self_harm else "harmful"
+    if verdict.help_lines:
+        return "help_lines"
     # Small talk is short: "hello, what is LoRA?" is a question that happens to start with a greeting.
     if _any(_SMALL_TALK, text) and count_tokens(text) <= 6:
         return "small_talk"

@@ -22,7 +22,7 @@ A file holds one dialogue (`turns`) or several (`dialogues: [{name, turns}]`):
 
 Expectations: contains / not_contains (text or list; case-insensitive), contains_any (list), regex (text or
 list), language (en/zh), cites (source names that must be among the turn's sources), no_sources (true),
-refusal (true), mode (chat/grounded/extractive/not_covered/refused), max_latency_s, similar_to (text, or
+refusal (true), mode (chat/grounded/extractive/not_covered/refused/help), max_latency_s, similar_to (text, or
 {text, threshold}: cosine similarity with the bundled embedder, default threshold 0.6), error (text the refusal of
 a request must contain, e.g. for a message over `max_input_chars`; a turn that errs without it fails),
 comment (ignored). Settings may also give `on_not_covered` and `max_input_chars`.

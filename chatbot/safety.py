@@ -41,6 +41,9 @@ HARM_DELTA = HARM_HEAD.with_name("harm_encoder.safetensors")  # the encoder's tu
 INJECTION_HEAD = Path(__file__).resolve().parent / "heads" / "injection.json"
 INJECTION_DELTA = INJECTION_HEAD.with_name("injection_encoder.safetensors")
 RECHECK_HEAD = INJECTION_HEAD.with_name("injection_recheck.json")  # must confirm the filter's flags (code, mostly)
+# Over the harm encoder's vectors: the message asks for a crisis or support line, answered with the numbers written
+# into the app (chatbot.prompts.HELP_LINES), not a small model's guess at them.
+HELP_HEAD = HARM_HEAD.with_name("help_lines.json")
 MAX_VERDICTS = 100_000  # sentences whose injection verdict is kept (a few MB)
 
 # Who or what the request is aimed at, and whether it is meant to stay hidden.
@@ -200,6 +203,7 @@ _WORD = re.compile(r"\b(?=\w*[a-z])(?=\w*[0-9@$])[\w@$]+\b")
 @dataclass(frozen=True)
 class Verdict:
     category: str | None  # None: nothing harmful was asked for
+    help_lines: bool = False  # asks for a crisis or mental-health support line (and nothing harmful)
 
     @property
     def harmful(self) -> bool:
@@ -276,13 +280,16 @@ class Learned:
     (`judge`: `harm_embedder`, `harm`) and what a document says (`instructions`: `embedder`, `injection`, and where
     there is one a `recheck` over the same vectors that must confirm each sentence the injection head flags)."""
 
-    def __init__(self, embedder, harm: Head, injection: Head, harm_embedder=None, recheck: Head | None = None):
+    def __init__(self, embedder, harm: Head, injection: Head, harm_embedder=None, recheck: Head | None = None,
+                 help_lines: Head | None = None):
         self.harm_embedder = harm_embedder or embedder
         heads = [(harm, self.harm_embedder), (injection, embedder)] + ([(recheck, embedder)] if recheck else [])
+        heads += [(help_lines, self.harm_embedder)] if help_lines else []
         for head, model in heads:
             if head.embedder != model.name:
                 raise ValueError(f"a safety head was trained on {head.embedder}, not {model.name}")
         self.embedder, self.harm, self.injection, self.recheck = embedder, harm, injection, recheck
+        self.help_lines = help_lines
         # Sentence → verdict: a passage costs 60-90 ms to screen here (benchmarks/safety.py), and the passages of a
         # knowledge base come back again and again. Bounded; the oldest verdicts go first.
         self.verdicts: dict[str, bool] = {}
@@ -291,11 +298,18 @@ class Learned:
     def judge(self, text: str, pattern: str | None = None) -> str | None:
         """"harmful", "self_harm" or None for a message; `pattern` is what the patterns said of it, which stands
         unless the head is sure enough that it is harmless (its harm probability below the head's `veto`)."""
-        probabilities = self.harm.probabilities(self.harm_embedder.queries([text[:2000]]))
+        return self.verdict(text, pattern).category
+
+    def verdict(self, text: str, pattern: str | None = None) -> Verdict:
+        """`judge`'s category, and for a harmless message whether it asks for a crisis line (the help-lines head,
+        over the same vector: no second pass of the encoder)."""
+        vector = self.harm_embedder.queries([text[:2000]])
+        probabilities = self.harm.probabilities(vector)
         flagged = self.harm.flagged_by(probabilities)[0]
         if flagged is None and pattern is not None and 1 - probabilities[0, 0] >= self.harm.veto:
-            return pattern
-        return flagged
+            flagged = pattern
+        asks = flagged is None and self.help_lines is not None and self.help_lines.flagged(vector)[0] is not None
+        return Verdict(flagged, asks)
 
     def instructions(self, sentences: list[str]) -> list[bool]:
         """Which sentences of a document address the assistant (prompt injection)."""
@@ -326,7 +340,8 @@ def load_learned() -> Learned:
     for encoder in encoders:
         encoder.serve()  # one thread each, their own: a message costs the same while an answer is generated
     recheck = Head.read(RECHECK_HEAD) if RECHECK_HEAD.exists() else None
-    return Learned(encoders[0], Head.read(HARM_HEAD), Head.read(INJECTION_HEAD), encoders[1], recheck)
+    help_lines = Head.read(HELP_HEAD) if HELP_HEAD.exists() else None
+    return Learned(encoders[0], Head.read(HARM_HEAD), Head.read(INJECTION_HEAD), encoders[1], recheck, help_lines)
 
 
 class SafetyGuard:
@@ -351,7 +366,7 @@ class SafetyGuard:
     def judge(self, text: str) -> Verdict:
         verdict = judge(text)
         if self.learned is not None:
-            verdict = Verdict(self.learned.judge(text, verdict.category))
+            verdict = self.learned.verdict(text, verdict.category)
         if verdict.harmful or self.classifier is None:
             return verdict
         scores = self.classifier(text[:2000])

@@ -31,6 +31,14 @@ planted instructions hidden in comments, strings and markup, split by family) an
 (recheck_prose.*.jsonl: tutorials, references, notices, prompts, exercises, with planted instructions in the same
 framings, split by family); its threshold is the highest that
 loses none of the validation planted instructions the filter catches alone.
+
+The help-lines head (chatbot/heads/help_lines.json, `--head help`, a minute or two) is a logistic regression on the
+harm encoder's vectors: the message asks for a crisis or support line, which the app answers with the numbers
+written into it (chatbot.prompts.HELP_LINES) rather than the model's guess at them. It is trained on
+chatbot/safety_data/help_lines.*.jsonl (such requests and look-alikes that ask for none: other phone numbers,
+mental-health questions, hotline volunteering; split by intent) and the harm data's everyday and technical
+requests; its threshold is the lowest at which no validation everyday or technical request and at most 1% of the
+other validation messages that ask for no line are flagged.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.grounding import looks_like_injection
-from chatbot.safety import HARM_DELTA, HARM_HEAD, INJECTION_DELTA, INJECTION_HEAD, RECHECK_HEAD, Head, judge
+from chatbot.safety import HARM_DELTA, HARM_HEAD, HELP_HEAD, INJECTION_DELTA, INJECTION_HEAD, RECHECK_HEAD, Head, judge
 from chatbot.safety_tune import EPOCHS, save_delta, tune
 from knowledge.chunking import chunk_document, split_sentences
 from knowledge.e5_torch import E5Encoder
@@ -71,6 +79,9 @@ INSTALLED = ("/usr/include/**/*.h", "/usr/share/**/*.json", "/usr/share/**/*.js"
 FILES, PER_FILE = 80, 8  # installed files of each kind (every n-th of those found), sentences from each
 RECHECK_C = 10.0  # the recheck's inverse regularisation (benchmarks/injection_recheck.py compares others)
 RECHECK_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+HELP_DATA = sorted(DATA.glob("help_lines.*.jsonl"))  # requests for a crisis line, and look-alikes that ask for none
+HELP_CS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # the help-lines head's inverse regularisations, one chosen on validation
+MAX_HELP_OTHERS = 0.01  # validation messages asking for no line that may get the lines instead of the model's answer
 CODE_KINDS = ("written code", "installed code")
 
 
@@ -418,15 +429,15 @@ def recheck_rows() -> list[dict]:
     return rows + written + prose
 
 
-def fit_recheck(vectors: np.ndarray, labels: np.ndarray, name: str, c: float = RECHECK_C) -> Head:
-    """A logistic regression on the filter's vectors, as a two-class head (threshold 0.5 until one is chosen)."""
+def fit_recheck(vectors: np.ndarray, labels: np.ndarray, name: str, c: float = RECHECK_C,
+                classes: tuple[str, str] = ("ordinary", "instruction")) -> Head:
+    """A logistic regression on an encoder's vectors, as a two-class head (threshold 0.5 until one is chosen)."""
     from sklearn.linear_model import LogisticRegression
 
     model = LogisticRegression(C=c, max_iter=5000).fit(vectors, labels)
     w, b = model.coef_[0].astype(np.float32), float(model.intercept_[0])
     # softmax over (-z/2, z/2) is the logistic sigmoid of z = w·x + b
-    return Head(("ordinary", "instruction"), np.stack([-w / 2, w / 2]), np.array([-b / 2, b / 2], np.float32), 0.5,
-                name)
+    return Head(classes, np.stack([-w / 2, w / 2]), np.array([-b / 2, b / 2], np.float32), 0.5, name)
 
 
 def choose_recheck(layers_at, planted: list[int]) -> float | None:
@@ -477,11 +488,110 @@ def train_recheck(external: bool) -> dict:
     return figures
 
 
+# ----- requests for a crisis line ------------------------------------------------------------------------------
+def help_rows() -> list[dict]:
+    """Requests for a crisis or support line and messages like them that ask for none (HELP_DATA, split by intent
+    per language and label), and as messages that ask for none the harm data's everyday requests and technical
+    questions, in their own splits."""
+    rows = [row for path in HELP_DATA for row in read_jsonl(path)]
+    assign_splits(rows, "label")
+    return rows + [row | {"label": "other"} for row in harm_rows() if row.get("kind") in ("everyday", "technical")]
+
+
+ASKS = "asks for a line"
+
+
+def help_kind(row: dict) -> str:
+    """How a row counts in the help-lines head's figures."""
+    if row["label"] == "help":
+        return ASKS
+    if row["label"] == "other" and row.get("kind") not in ("everyday", "technical"):
+        return "look-alikes"
+    if row["label"] in ("harmful", "self_harm"):
+        return "unsafe"
+    return {"everyday": "everyday", "technical": "technical"}.get(row.get("kind"), "other benign")
+
+
+def harm_passes(vectors: np.ndarray, rows: list[dict]) -> np.ndarray:
+    """Which rows the shipped harm check lets through (its head on these harm-encoder vectors, and the patterns
+    unless the head's harm probability is below its veto), as `chatbot.safety.Learned.verdict` decides."""
+    harm = Head.read(HARM_HEAD)
+    probabilities = harm.probabilities(vectors)
+    return np.array([flagged is None and not (judge(r["text"]).harmful and 1 - p[0] >= harm.veto)
+                     for flagged, p, r in zip(harm.flagged_by(probabilities), probabilities, rows, strict=True)])
+
+
+def help_figures(head: Head, vectors: np.ndarray, rows: list[dict]) -> dict:
+    """Per kind of row (help_kind) and language, how many get the lines: the harm check lets them through and the
+    head flags them (what it flags that the check refuses gets the refusal or the crisis reply instead); and the
+    texts that get them but ask for none."""
+    flags = np.array([f is not None for f in head.flagged(vectors)]) & harm_passes(vectors, rows)
+    table = {}
+    for kind in dict.fromkeys(help_kind(r) for r in rows):
+        members = [i for i, r in enumerate(rows) if help_kind(r) == kind]
+        table[kind] = rates(flags[members], [rows[i] for i in members])
+    table["flagged"] = [r["text"] for r, f in zip(rows, flags, strict=True) if f and help_kind(r) != ASKS]
+    return table
+
+
+def choose_help(asks: np.ndarray, rows: list[dict]) -> float:
+    """The lowest threshold (the most requests for a line answered with the app's numbers) at which no everyday or
+    technical message and at most MAX_HELP_OTHERS of the others are answered so instead of by the model; `asks`:
+    the head's probability for the rows the harm check lets through, 0 for the others."""
+    plain = np.array([r.get("kind") in ("everyday", "technical") for r in rows])
+    other = np.array([r["label"] != "help" for r in rows])
+    for threshold in THRESHOLDS:
+        flagged = asks >= threshold
+        if not (flagged & plain).any() and (flagged & other).sum() <= MAX_HELP_OTHERS * other.sum():
+            return float(threshold)
+    return 1.0
+
+
+def train_help_lines() -> dict:
+    """Fit the help-lines head on the harm encoder's vectors of the train split with each of HELP_CS, keep the one
+    that gives the most validation requests for a line the numbers at its threshold (choose_help), score the test
+    split and the report-only sets once, and write what serving loads."""
+    rows = help_rows()
+    labels = np.array([int(r["label"] == "help") for r in rows])
+    split = parts(rows)
+    encoder = E5Encoder.load(delta=HARM_DELTA)
+    print(f"embedding {len(rows)} requests ...", file=sys.stderr, flush=True)
+    vectors = encoder.queries([r["text"] for r in rows])
+    validation = split["validation"]
+    held = [rows[i] for i in validation]
+    passes = harm_passes(vectors[validation], held)
+    best: tuple[int, float, Head] | None = None
+    for c in HELP_CS:  # the smallest C of a tie: the most regularised
+        head = fit_recheck(vectors[split["train"]], labels[split["train"]], encoder.name, c, ("other", "help_lines"))
+        asks = head.probabilities(vectors[validation])[:, 1] * passes
+        threshold = choose_help(asks, held)
+        answered = int(((asks >= threshold) & (labels[validation] == 1)).sum())
+        print(f"validation: C {c}, threshold {threshold:.2f}, {answered} requests for a line given the numbers",
+              file=sys.stderr)
+        if best is None or answered > best[0]:
+            best = answered, c, replace(head, threshold=threshold)
+    head = best[2]
+    figures = {name: help_figures(head, vectors[split[name]], [rows[i] for i in split[name]])
+               for name in ("validation", "test")}
+    fresh = sorted((DATA / "not_trained").glob("requests5.*.jsonl"))
+    reports = {"harm data's test split": [r for r in harm_rows() if r["split"] == "test"],
+               "everyday.jsonl": [labelled(r, "report", "everyday.jsonl") for r in read_jsonl(EVAL / "everyday.jsonl")],
+               "fresh requests (not_trained)": [r for path in fresh for r in read_jsonl(path)]} | document_questions()
+    for name, extra in reports.items():
+        figures[name] = help_figures(head, encoder.queries([r["text"] for r in extra]), extra)
+    head.write(HELP_HEAD, C=best[1], split={name: len(split[name]) for name in split}, figures=figures,
+               trained_on="the harm encoder's vectors (" + HARM_DELTA.name + ") of the train split of "
+                          "chatbot/safety_data/help_lines.*.jsonl and of the harm data's everyday and technical "
+                          "requests")
+    return figures
+
+
 # ----- the command ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.safety_train", description=__doc__.split("\n")[0])
-    parser.add_argument("--head", choices=("harm", "injection", "recheck", "both"), default="both",
-                        help="both: harm, then injection and its recheck")
+    parser.add_argument("--head", choices=("harm", "injection", "recheck", "help", "both"), default="both",
+                        help="both: harm, then injection and its recheck (help: the help-lines head, on the harm "
+                             "encoder: retrain it after harm)")
     parser.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                         help="also count the sentences removed from the evaluation corpora the project did not write")
     parser.add_argument("--seed", type=int, default=0, help="harm: the tuning's random seed")
@@ -492,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         print_injection(train_injection(args.external))
     if args.head in ("recheck", "both"):
         print_recheck(train_recheck(args.external))
+    if args.head == "help":
+        print_help(train_help_lines())
     return 0
 
 
@@ -547,5 +659,19 @@ def print_recheck(figures: dict) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def print_help(figures: dict) -> None:
+    print("\n| set | kind | en | zh |\n|---|---|---|---|")
+    for name, table in figures.items():
+        for kind, counts in table.items():
+            if kind != "flagged":
+                cells = [f"{counts[lang]['flagged']} of {counts[lang]['n']}" if counts[lang]["n"] else "–"
+                         for lang in ("en", "zh")]
+                print(f"| {name} | {kind} | {' | '.join(cells)} |")
+    for name, table in figures.items():
+        if table["flagged"]:
+            print(f"\n{name}, answered with the lines though they ask for none: {table['flagged']}")
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

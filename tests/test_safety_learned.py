@@ -13,7 +13,17 @@ import numpy as np
 import pytest
 
 from chatbot.grounding import INJECTION_REMOVED, defuse
-from chatbot.safety import HARM_DELTA, HARM_HEAD, INJECTION_DELTA, INJECTION_HEAD, Head, Learned, SafetyGuard, judge
+from chatbot.safety import (
+    HARM_DELTA,
+    HARM_HEAD,
+    INJECTION_DELTA,
+    INJECTION_HEAD,
+    Head,
+    Learned,
+    SafetyGuard,
+    Verdict,
+    judge,
+)
 from knowledge.e5_torch import E5Encoder
 
 
@@ -63,6 +73,28 @@ def test_a_pattern_stands_unless_the_head_is_sure_it_is_harmless():
     assert learned.judge("harmful") == "harmful"
     guard = SafetyGuard(learned=learned)
     assert guard.judge("harmful").harmful and not guard.judge("sure").harmful
+
+
+def test_a_harmless_request_for_a_crisis_line_gets_the_apps_numbers_in_its_language(engine):
+    from chatbot.assistant import Assistant
+    from chatbot.config import ChatConfig
+    from chatbot.prompts import HELP_LINES, SELF_HARM
+
+    # The help-lines head reads the harm encoder's vector: its first dimension, against 0 for "other".
+    help_lines = Head(("other", "help_lines"), np.array([[0, 0, 0], [1, 0, 0]], dtype=np.float32),
+                      np.array([0, -4], dtype=np.float32), 0.5, "fixed")
+    texts = {"心理援助热线电话是多少？": [6, 0, 0], "What is a crisis line?": [3, 0, 0],
+             "I want to end it all, which number?": [6, 0, 9]}
+    learned = Learned(FixedEmbedder(texts), harm_head(), injection_head(), help_lines=help_lines)
+    assert learned.verdict("心理援助热线电话是多少？").help_lines  # p 0.88
+    assert not learned.verdict("What is a crisis line?").help_lines  # p 0.27: the model answers
+    assert learned.verdict("I want to end it all, which number?") == Verdict("self_harm")  # the crisis reply first
+    assistant = Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256, safety_classifier=False))
+    assistant.guard = SafetyGuard(learned=learned)
+    answer = assistant.ask("心理援助热线电话是多少？")
+    assert (answer.mode, answer.text) == ("help", HELP_LINES["zh"]) and "12356" in answer.text
+    assert assistant.ask("I want to end it all, which number?").text == SELF_HARM["en"]
+    assert assistant.ask("What is a crisis line?").mode == "chat"
 
 
 def test_the_injection_screen_removes_the_sentences_it_flags():
@@ -221,3 +253,16 @@ def test_the_shipped_recheck_gives_the_figures_recorded_with_it():
     for group in ("ordinary", "bundled corpus", "written code"):
         assert figures[group] == recorded[group], group
     assert figures["planted"]["with recheck"] == recorded["planted"]["with recheck"]
+
+
+@pytest.mark.slow
+def test_the_shipped_help_lines_head_gives_the_figures_recorded_with_it():
+    from chatbot.safety import HELP_HEAD
+    from chatbot.safety_train import help_figures, help_rows
+
+    head, harm = Head.read(HELP_HEAD), Head.read(HARM_HEAD)
+    tuned = E5Encoder.load(delta=HARM_DELTA)
+    assert head.embedder == harm.embedder == tuned.name  # it reads the vector the harm check computes
+    rows = [r for r in help_rows() if r["split"] == "test"]
+    figures = help_figures(head, tuned.queries([r["text"] for r in rows]), rows)
+    assert figures == json.loads(HELP_HEAD.read_text())["figures"]["test"]
