@@ -41,7 +41,7 @@ from chatbot.safety_train import (  # noqa: E402
     RECHECK_THRESHOLDS,
     choose_recheck,
     external_sentences,
-    fit_recheck,
+    fit_logistic,
     injection_layers,
     recheck_rows,
 )
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder, injection = E5Encoder.load(delta=INJECTION_DELTA), Head.read(INJECTION_HEAD)
     print(f"embedding {len(rows)} labelled sentences ...", file=sys.stderr, flush=True)
     vectors = encoder.queries(texts)
-    recheck = fit_recheck(vectors[split == "train"], labels[split == "train"], encoder.name, args.C)
+    recheck = fit_logistic(vectors[split == "train"], labels[split == "train"], encoder.name, args.C)
     sets = {"labelled": (texts, vectors)}
     for name, sentences in (external_sentences() if args.external else {}).items():
         print(f"embedding the {len(sentences)} sentences of {name} ...", file=sys.stderr, flush=True)

@@ -9,6 +9,8 @@ web app both drive it.
 
 How a turn is answered (`Answer.mode`):
 - "refused": a harmful request (see chatbot.safety); a fixed reply in the user's language.
+- "help": a harmless request for a crisis or support line (chatbot.safety's help-lines head); the numbers written
+  into the app (chatbot.prompts.HELP_LINES), in the user's language.
 - "chat": small talk, or any message when there is no knowledge base: the model answers from itself.
 - "chat" also when a knowledge base is open but does not cover the question, or the message asks for a task
   (chatbot.routing): the model's own answer after a line that says it is not from the documents.

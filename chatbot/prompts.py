@@ -64,8 +64,8 @@ HELP_LINES = {
           "紧急情况请拨打 120（急救）或 110（报警）。\n"
           "- 美国：拨打或发短信至 988（自杀与危机生命线）；紧急情况拨打 911。\n"
           "- 英国和爱尔兰：Samaritans 116 123（免费，全天）；紧急情况拨打 999 或 112。\n"
-          "- 其他地区：请拨打当地的急救电话（欧盟通用 112）。\n"
-          "如果你或身边的人正处于危险之中，请立即拨打急救电话。",
+          "- 其他地区：请拨打当地的紧急求助电话（欧盟通用 112）。\n"
+          "如果你或身边的人正处于危险之中，请立即拨打紧急求助电话。",
 }
 # How much of the refusal or crisis reply a reply must open with to be that reply: enough that a kind answer ("I'm
 # really sorry, this isn't your fault ...") is not taken for the crisis reply, few enough tokens to tell early (a

@@ -22,6 +22,7 @@ prepared, in `chatbot.grounding`. Tested by tests/test_safety.py; the README giv
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -275,21 +276,37 @@ class Head:
         return [self.classes[1 + int(np.argmax(p[1:]))] if 1 - p[0] >= threshold else None for p in probabilities]
 
 
+def harm_category(harm: Head, probabilities: np.ndarray, pattern: str | None) -> str | None:
+    """The harm check's category for one message: the head's (`probabilities`, its row), or where the head lets the
+    message through the patterns' (`pattern`), unless the head's harm probability is below its veto."""
+    flagged = harm.flagged_by(probabilities[None])[0]
+    if flagged is None and pattern is not None and 1 - probabilities[0] >= harm.veto:
+        return pattern
+    return flagged
+
+
+def harm_fingerprint() -> str:
+    """What the help-lines head was fitted over: the harm encoder's changes and the harm head (its threshold and veto
+    decide which messages reach it). A head recorded with another fingerprint is not loaded."""
+    return hashlib.sha256(HARM_DELTA.read_bytes() + HARM_HEAD.read_bytes()).hexdigest()[:16]
+
+
 class Learned:
     """The learned layer: multilingual-e5-small tuned into two classifiers, each with its head, for what a user asks
-    (`judge`: `harm_embedder`, `harm`) and what a document says (`instructions`: `embedder`, `injection`, and where
-    there is one a `recheck` over the same vectors that must confirm each sentence the injection head flags)."""
+    (`judge`: `harm_embedder`, `harm`, and where there is one a `help_head` over the same vectors: a request for a
+    crisis line) and what a document says (`instructions`: `embedder`, `injection`, and where there is one a
+    `recheck` over the same vectors that must confirm each sentence the injection head flags)."""
 
     def __init__(self, embedder, harm: Head, injection: Head, harm_embedder=None, recheck: Head | None = None,
-                 help_lines: Head | None = None):
+                 help_head: Head | None = None):
         self.harm_embedder = harm_embedder or embedder
         heads = [(harm, self.harm_embedder), (injection, embedder)] + ([(recheck, embedder)] if recheck else [])
-        heads += [(help_lines, self.harm_embedder)] if help_lines else []
+        heads += [(help_head, self.harm_embedder)] if help_head else []
         for head, model in heads:
             if head.embedder != model.name:
                 raise ValueError(f"a safety head was trained on {head.embedder}, not {model.name}")
         self.embedder, self.harm, self.injection, self.recheck = embedder, harm, injection, recheck
-        self.help_lines = help_lines
+        self.help_head = help_head
         # Sentence → verdict: a passage costs 60-90 ms to screen here (benchmarks/safety.py), and the passages of a
         # knowledge base come back again and again. Bounded; the oldest verdicts go first.
         self.verdicts: dict[str, bool] = {}
@@ -304,12 +321,9 @@ class Learned:
         """`judge`'s category, and for a harmless message whether it asks for a crisis line (the help-lines head,
         over the same vector: no second pass of the encoder)."""
         vector = self.harm_embedder.queries([text[:2000]])
-        probabilities = self.harm.probabilities(vector)
-        flagged = self.harm.flagged_by(probabilities)[0]
-        if flagged is None and pattern is not None and 1 - probabilities[0, 0] >= self.harm.veto:
-            flagged = pattern
-        asks = flagged is None and self.help_lines is not None and self.help_lines.flagged(vector)[0] is not None
-        return Verdict(flagged, asks)
+        category = harm_category(self.harm, self.harm.probabilities(vector)[0], pattern)
+        asks = category is None and self.help_head is not None and self.help_head.flagged(vector)[0] is not None
+        return Verdict(category, asks)
 
     def instructions(self, sentences: list[str]) -> list[bool]:
         """Which sentences of a document address the assistant (prompt injection)."""
@@ -333,15 +347,22 @@ class Learned:
 
 @cache
 def load_learned() -> Learned:
-    """The two tuned encoders and their heads, loaded once per process (about 170 MB of layers in all)."""
+    """The two tuned encoders and their heads (the help-lines head where it was fitted over this harm classifier),
+    loaded once per process (about 170 MB of layers in all)."""
     from knowledge.e5_torch import E5Encoder
 
     encoders = E5Encoder.load(delta=INJECTION_DELTA), E5Encoder.load(delta=HARM_DELTA)
     for encoder in encoders:
         encoder.serve()  # one thread each, their own: a message costs the same while an answer is generated
     recheck = Head.read(RECHECK_HEAD) if RECHECK_HEAD.exists() else None
-    help_lines = Head.read(HELP_HEAD) if HELP_HEAD.exists() else None
-    return Learned(encoders[0], Head.read(HARM_HEAD), Head.read(INJECTION_HEAD), encoders[1], recheck, help_lines)
+    help_head = None
+    if HELP_HEAD.exists():
+        if json.loads(HELP_HEAD.read_text(encoding="utf-8")).get("harm") == harm_fingerprint():
+            help_head = Head.read(HELP_HEAD)
+        else:  # fitted over another harm encoder or head: its verdicts would mean nothing
+            print(f"warning: {HELP_HEAD.name} was fitted over another harm classifier; retrain it with `python -m "
+                  "chatbot.safety_train --head help`. Requests for a crisis line go to the model.", file=sys.stderr)
+    return Learned(encoders[0], Head.read(HARM_HEAD), Head.read(INJECTION_HEAD), encoders[1], recheck, help_head)
 
 
 class SafetyGuard:

@@ -2,9 +2,11 @@
 to chatbot/heads/: the harm classifier (what a user asks: safe, harmful, self-harm) and the injection filter (what a
 document says: ordinary, or an instruction planted for the assistant).
 
-    python -m chatbot.safety_train                  # all three, about 1.5 hours on 2 CPU cores
-    python -m chatbot.safety_train --head harm      # one of them (injection: retrain its recheck after it)
+    python -m chatbot.safety_train                  # all four, about 1.5 hours on 2 CPU cores
+    python -m chatbot.safety_train --head harm      # one of them (injection: retrain its recheck after it; harm: the
+                                                    # help-lines head after it)
     python -m chatbot.safety_train --head recheck   # the injection filter's recheck alone, about 25 minutes
+    python -m chatbot.safety_train --head help      # the help-lines head alone, a few minutes
 
 Data, written for this project (chatbot/safety_data/, README "Safety" says what is in it): requests in English and
 Chinese labelled safe, harmful or self-harm, each with the intent it phrases; sentences labelled planted instruction
@@ -32,13 +34,14 @@ planted instructions hidden in comments, strings and markup, split by family) an
 framings, split by family); its threshold is the highest that
 loses none of the validation planted instructions the filter catches alone.
 
-The help-lines head (chatbot/heads/help_lines.json, `--head help`, a minute or two) is a logistic regression on the
+The help-lines head (chatbot/heads/help_lines.json, `--head help`, a few minutes) is a logistic regression on the
 harm encoder's vectors: the message asks for a crisis or support line, which the app answers with the numbers
 written into it (chatbot.prompts.HELP_LINES) rather than the model's guess at them. It is trained on
 chatbot/safety_data/help_lines.*.jsonl (such requests and look-alikes that ask for none: other phone numbers,
 mental-health questions, hotline volunteering; split by intent) and the harm data's everyday and technical
-requests; its threshold is the lowest at which no validation everyday or technical request and at most 1% of the
-other validation messages that ask for no line are flagged.
+requests; its C and threshold are chosen on validation: the most requests for a line given the numbers while no
+everyday or technical request and at most 1% of all the others that ask for none (pooled) are. It records a
+fingerprint of the harm encoder and head it was fitted over, and serving skips it when they have changed.
 """
 
 from __future__ import annotations
@@ -52,7 +55,18 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.grounding import looks_like_injection
-from chatbot.safety import HARM_DELTA, HARM_HEAD, HELP_HEAD, INJECTION_DELTA, INJECTION_HEAD, RECHECK_HEAD, Head, judge
+from chatbot.safety import (
+    HARM_DELTA,
+    HARM_HEAD,
+    HELP_HEAD,
+    INJECTION_DELTA,
+    INJECTION_HEAD,
+    RECHECK_HEAD,
+    Head,
+    harm_category,
+    harm_fingerprint,
+    judge,
+)
 from chatbot.safety_tune import EPOCHS, save_delta, tune
 from knowledge.chunking import chunk_document, split_sentences
 from knowledge.e5_torch import E5Encoder
@@ -429,7 +443,7 @@ def recheck_rows() -> list[dict]:
     return rows + written + prose
 
 
-def fit_recheck(vectors: np.ndarray, labels: np.ndarray, name: str, c: float = RECHECK_C,
+def fit_logistic(vectors: np.ndarray, labels: np.ndarray, name: str, c: float = RECHECK_C,
                 classes: tuple[str, str] = ("ordinary", "instruction")) -> Head:
     """A logistic regression on an encoder's vectors, as a two-class head (threshold 0.5 until one is chosen)."""
     from sklearn.linear_model import LogisticRegression
@@ -461,7 +475,7 @@ def train_recheck(external: bool) -> dict:
     print(f"embedding {len(rows)} labelled sentences ...", file=sys.stderr, flush=True)
     vectors = encoder.queries(texts)
     patterns = np.array([looks_like_injection(t) for t in texts])
-    recheck = fit_recheck(vectors[split["train"]], labels[split["train"]], encoder.name)
+    recheck = fit_logistic(vectors[split["train"]], labels[split["train"]], encoder.name)
 
     def layers_at(threshold: float) -> dict[str, np.ndarray]:
         return injection_layers(injection, vectors, texts, patterns=patterns,
@@ -512,25 +526,35 @@ def help_kind(row: dict) -> str:
     return {"everyday": "everyday", "technical": "technical"}.get(row.get("kind"), "other benign")
 
 
-def harm_passes(vectors: np.ndarray, rows: list[dict]) -> np.ndarray:
-    """Which rows the shipped harm check lets through (its head on these harm-encoder vectors, and the patterns
-    unless the head's harm probability is below its veto), as `chatbot.safety.Learned.verdict` decides."""
+def harm_categories(vectors: np.ndarray, rows: list[dict]) -> list[str | None]:
+    """The shipped harm check's category for each row (None: it lets the row through), as
+    `chatbot.safety.Learned.verdict` decides: its head on these harm-encoder vectors, and the patterns."""
     harm = Head.read(HARM_HEAD)
-    probabilities = harm.probabilities(vectors)
-    return np.array([flagged is None and not (judge(r["text"]).harmful and 1 - p[0] >= harm.veto)
-                     for flagged, p, r in zip(harm.flagged_by(probabilities), probabilities, rows, strict=True)])
+    return [harm_category(harm, p, judge(r["text"]).category)
+            for p, r in zip(harm.probabilities(vectors), rows, strict=True)]
+
+
+OUTCOMES = ("the numbers", "the crisis reply", "a refusal", "the model")
 
 
 def help_figures(head: Head, vectors: np.ndarray, rows: list[dict]) -> dict:
     """Per kind of row (help_kind) and language, how many get the lines: the harm check lets them through and the
-    head flags them (what it flags that the check refuses gets the refusal or the crisis reply instead); and the
-    texts that get them but ask for none."""
-    flags = np.array([f is not None for f in head.flagged(vectors)]) & harm_passes(vectors, rows)
+    head flags them; the texts that get them but ask for none; and per language what answers the requests for a
+    line (OUTCOMES: the lines, or the harm check's crisis reply or refusal, or the model where neither says)."""
+    categories = harm_categories(vectors, rows)
+    flags = np.array([f is not None and c is None for f, c in zip(head.flagged(vectors), categories, strict=True)])
     table = {}
     for kind in dict.fromkeys(help_kind(r) for r in rows):
         members = [i for i, r in enumerate(rows) if help_kind(r) == kind]
         table[kind] = rates(flags[members], [rows[i] for i in members])
     table["flagged"] = [r["text"] for r, f in zip(rows, flags, strict=True) if f and help_kind(r) != ASKS]
+    answered = {language: dict.fromkeys(OUTCOMES, 0) for language in ("en", "zh")}
+    for row, flag, category in zip(rows, flags, categories, strict=True):
+        if help_kind(row) == ASKS:
+            outcome = 0 if flag else 1 if category == "self_harm" else 2 if category else 3
+            answered[row["language"]][OUTCOMES[outcome]] += 1
+    if any(sum(counts.values()) for counts in answered.values()):
+        table["requests for a line answered by"] = answered
     return table
 
 
@@ -544,7 +568,7 @@ def choose_help(asks: np.ndarray, rows: list[dict]) -> float:
         flagged = asks >= threshold
         if not (flagged & plain).any() and (flagged & other).sum() <= MAX_HELP_OTHERS * other.sum():
             return float(threshold)
-    return 1.0
+    return 1.01  # none: a head that flags nothing
 
 
 def train_help_lines() -> dict:
@@ -559,11 +583,11 @@ def train_help_lines() -> dict:
     vectors = encoder.queries([r["text"] for r in rows])
     validation = split["validation"]
     held = [rows[i] for i in validation]
-    passes = harm_passes(vectors[validation], held)
+    passes = np.array([c is None for c in harm_categories(vectors[validation], held)])
     best: tuple[int, float, Head] | None = None
     for c in HELP_CS:  # the smallest C of a tie: the most regularised
-        head = fit_recheck(vectors[split["train"]], labels[split["train"]], encoder.name, c, ("other", "help_lines"))
-        asks = head.probabilities(vectors[validation])[:, 1] * passes
+        head = fit_logistic(vectors[split["train"]], labels[split["train"]], encoder.name, c, ("other", "help_lines"))
+        asks = (1 - head.probabilities(vectors[validation])[:, 0]) * passes  # as Head.flagged reads it
         threshold = choose_help(asks, held)
         answered = int(((asks >= threshold) & (labels[validation] == 1)).sum())
         print(f"validation: C {c}, threshold {threshold:.2f}, {answered} requests for a line given the numbers",
@@ -579,7 +603,8 @@ def train_help_lines() -> dict:
                "fresh requests (not_trained)": [r for path in fresh for r in read_jsonl(path)]} | document_questions()
     for name, extra in reports.items():
         figures[name] = help_figures(head, encoder.queries([r["text"] for r in extra]), extra)
-    head.write(HELP_HEAD, C=best[1], split={name: len(split[name]) for name in split}, figures=figures,
+    head.write(HELP_HEAD, C=best[1], harm=harm_fingerprint(), split={name: len(split[name]) for name in split},
+               figures=figures,
                trained_on="the harm encoder's vectors (" + HARM_DELTA.name + ") of the train split of "
                           "chatbot/safety_data/help_lines.*.jsonl and of the harm data's everyday and technical "
                           "requests")
@@ -590,8 +615,8 @@ def train_help_lines() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatbot.safety_train", description=__doc__.split("\n")[0])
     parser.add_argument("--head", choices=("harm", "injection", "recheck", "help", "both"), default="both",
-                        help="both: harm, then injection and its recheck (help: the help-lines head, on the harm "
-                             "encoder: retrain it after harm)")
+                        help="both: harm, then injection and its recheck, then the help-lines head (which reads the "
+                             "harm encoder: retrain it after harm)")
     parser.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                         help="also count the sentences removed from the evaluation corpora the project did not write")
     parser.add_argument("--seed", type=int, default=0, help="harm: the tuning's random seed")
@@ -602,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         print_injection(train_injection(args.external))
     if args.head in ("recheck", "both"):
         print_recheck(train_recheck(args.external))
-    if args.head == "help":
+    if args.head in ("help", "both"):  # after harm: it reads the harm encoder's vectors and the harm check's verdicts
         print_help(train_help_lines())
     return 0
 
@@ -660,13 +685,20 @@ def print_recheck(figures: dict) -> None:
 
 
 def print_help(figures: dict) -> None:
+    """The help-lines head's figures as a table, what answers the requests for a line, then the messages given the
+    lines that ask for none."""
     print("\n| set | kind | en | zh |\n|---|---|---|---|")
     for name, table in figures.items():
         for kind, counts in table.items():
-            if kind != "flagged":
+            if kind not in ("flagged", "requests for a line answered by"):
                 cells = [f"{counts[lang]['flagged']} of {counts[lang]['n']}" if counts[lang]["n"] else "–"
                          for lang in ("en", "zh")]
                 print(f"| {name} | {kind} | {' | '.join(cells)} |")
+    print(f"\n| set | requests for a line answered by: {' / '.join(OUTCOMES)}, en | zh |\n|---|---|---|")
+    for name, table in figures.items():
+        if answered := table.get("requests for a line answered by"):
+            cells = [" / ".join(str(answered[lang][outcome]) for outcome in OUTCOMES) for lang in ("en", "zh")]
+            print(f"| {name} | {' | '.join(cells)} |")
     for name, table in figures.items():
         if table["flagged"]:
             print(f"\n{name}, answered with the lines though they ask for none: {table['flagged']}")
@@ -674,4 +706,3 @@ def print_help(figures: dict) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-

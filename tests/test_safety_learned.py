@@ -85,10 +85,11 @@ def test_a_harmless_request_for_a_crisis_line_gets_the_apps_numbers_in_its_langu
                       np.array([0, -4], dtype=np.float32), 0.5, "fixed")
     texts = {"心理援助热线电话是多少？": [6, 0, 0], "What is a crisis line?": [3, 0, 0],
              "I want to end it all, which number?": [6, 0, 9]}
-    learned = Learned(FixedEmbedder(texts), harm_head(), injection_head(), help_lines=help_lines)
+    learned = Learned(FixedEmbedder(texts), harm_head(), injection_head(), help_head=help_lines)
     assert learned.verdict("心理援助热线电话是多少？").help_lines  # p 0.88
     assert not learned.verdict("What is a crisis line?").help_lines  # p 0.27: the model answers
     assert learned.verdict("I want to end it all, which number?") == Verdict("self_harm")  # the crisis reply first
+    assert learned.verdict("心理援助热线电话是多少？", pattern="self_harm") == Verdict("self_harm")  # a pattern stands
     assistant = Assistant(engine, ChatConfig(max_new_tokens=4, context_tokens=256, safety_classifier=False))
     assistant.guard = SafetyGuard(learned=learned)
     answer = assistant.ask("心理援助热线电话是多少？")
@@ -134,12 +135,12 @@ def test_a_flag_the_recheck_does_not_confirm_leaves_the_sentence_in():
 def test_the_recheck_is_a_logistic_regression_written_as_a_head_with_the_highest_safe_threshold():
     from sklearn.linear_model import LogisticRegression
 
-    from chatbot.safety_train import choose_recheck, fit_recheck
+    from chatbot.safety_train import choose_recheck, fit_logistic
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(80, 4)).astype(np.float32)
     labels = (vectors[:, 0] + 0.3 * rng.normal(size=80) > 0).astype(int)
-    head = fit_recheck(vectors, labels, "fixed", c=10.0)
+    head = fit_logistic(vectors, labels, "fixed", c=10.0)
     expected = LogisticRegression(C=10.0, max_iter=5000).fit(vectors, labels).predict_proba(vectors)[:, 1]
     assert np.allclose(head.probabilities(vectors)[:, 1], expected, atol=1e-5)
     # Three planted sentences the filter alone catches; the recheck's probabilities for them: 0.92, 0.41, 0.66.
