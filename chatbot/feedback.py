@@ -10,7 +10,9 @@ addresses and phone numbers are redacted before anything is written.
 
 `python -m finetune train` accepts the first (JSONL, chat `messages`); `python -m chatbot.regress` runs the
 second, which records each bad reply as `not_contains` with a comment asking a person to add what a good
-answer must contain.
+answer must contain. Liked fixed replies that the safety check gives before any model runs (modes in FIXED_REPLIES:
+the refusal, the crisis reply, the help lines) are not training data: a model taught them gives them to harmless
+requests (README "Safety"), and the help lines' numbers are redacted in the log.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # other grouped numbers of 7+ digits; years and short numbers stay.
 PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s-]?)?(?:\(\d{2,4}\)[\s-]?)?\d{2,4}(?:[\s-]?\d{3,4}){1,3}(?!\w|\.\d)")
 MIN_PHONE_DIGITS = 7
+FIXED_REPLIES = ("refused", "help")  # answers the safety check gives, not the model: never exported as training data
 
 
 def redact(text: str) -> str:
@@ -93,7 +96,8 @@ def regression_dialogue(entry: dict, number: int) -> dict:
 
 def export(log: Path, sft: Path | None, regress: Path | None) -> tuple[int, int]:
     entries = read_log(log)
-    liked = [e for e in entries if e["rating"] == "like" and e.get("prompt")]
+    liked = [e for e in entries if e["rating"] == "like" and e.get("prompt")
+             and e["answer"].get("mode") not in FIXED_REPLIES]
     disliked = [e for e in entries if e["rating"] == "dislike"]
     if sft:
         sft.write_text("".join(json.dumps(sft_record(e), ensure_ascii=False) + "\n" for e in liked),

@@ -27,11 +27,12 @@ def assistant(engine):
     return Assistant(engine, ChatConfig(max_new_tokens=6, context_tokens=256))
 
 
-def rate(log: FeedbackLog, assistant: Assistant, liked: bool, history: list[dict], question: str, comment: str):
+def rate(log: FeedbackLog, assistant: Assistant, liked: bool, history: list[dict], question: str, comment: str,
+         mode: str = "chat"):
     turn = assistant.turn(history, question)
     streamed = "".join(turn.stream())
     answer = turn.answer()
-    assert answer.text == streamed.strip() and answer.mode == "chat"
+    assert answer.text == streamed.strip() and answer.mode == mode
     conversation = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": answer.text}]
     return log.record(liked, comment, conversation, answer.to_dict(), "tiny", turn.messages)
 
@@ -41,6 +42,7 @@ def test_log_and_export(tmp_path, assistant):
     history = [{"role": "user", "content": "My phone is 13800138000"}, {"role": "assistant", "content": "ok"}]
     liked = rate(log, assistant, True, history, "hello there", "great, write to me at a@b.com")
     rate(log, assistant, False, [], "What is the capital of France?", "wrong answer")
+    rate(log, assistant, True, [], "How do I make a bomb at home?", "", mode="refused")  # liked: the check's reply
     assert liked["comment"] == "great, write to me at [email]"
     assert "13800138000" not in (tmp_path / "feedback.jsonl").read_text()
 
@@ -58,7 +60,7 @@ def test_log_and_export(tmp_path, assistant):
 
     [dialogue] = load_dialogues(dialogues)
     assert [t.user for t in dialogue.turns] == ["What is the capital of France?"]
-    bad = json.loads((tmp_path / "feedback.jsonl").read_text().splitlines()[1])["answer"]["answer"]
+    bad = json.loads((tmp_path / "feedback.jsonl").read_text().splitlines()[1])["answer"]["answer"]  # the dislike
     assert dialogue.turns[-1].expect["not_contains"] == [bad] and "wrong answer" in dialogue.turns[-1].expect["comment"]
 
     class SameAssistant:  # the runner, with the model that gave the disliked answer: the regression is caught
