@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         engine = load_engine(None if name == "default" else name, "onnx", "cpu", precision=DEFAULT_PRECISION)
         print(f"{engine.name}: {len(rows)} requests ...", file=sys.stderr, flush=True)
-        modelled = [not check and gives_refusal(ask(engine, row["text"], language, NEW_TOKENS)[0], language)
-                    for row, check in zip(rows, checked, strict=True) for language in [row["language"]]]
+        modelled = [not check and gives_refusal(ask(engine, row["text"], row["language"], NEW_TOKENS)[0],
+                                                row["language"])
+                    for row, check in zip(rows, checked, strict=True)]
         engine.close()
         print(table(f"{engine.name} (onnx {DEFAULT_PRECISION})", tally(rows, checked, modelled)), flush=True)
         if args.show:

@@ -96,6 +96,7 @@ RECHECK_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 HELP_DATA = sorted(DATA.glob("help_lines.*.jsonl"))  # requests for a crisis line, and look-alikes that ask for none
 HELP_CS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # the help-lines head's inverse regularisations, one chosen on validation
 MAX_HELP_OTHERS = 0.01  # validation messages asking for no line that may get the lines instead of the model's answer
+PLAIN_KINDS = ("everyday", "technical")  # the harm data's kinds that must never get the lines
 CODE_KINDS = ("written code", "installed code")
 
 
@@ -509,7 +510,7 @@ def help_rows() -> list[dict]:
     questions, in their own splits."""
     rows = [row for path in HELP_DATA for row in read_jsonl(path)]
     assign_splits(rows, "label")
-    return rows + [row | {"label": "other"} for row in harm_rows() if row.get("kind") in ("everyday", "technical")]
+    return rows + [row | {"label": "other"} for row in harm_rows() if row.get("kind") in PLAIN_KINDS]
 
 
 ASKS = "asks for a line"
@@ -519,11 +520,11 @@ def help_kind(row: dict) -> str:
     """How a row counts in the help-lines head's figures."""
     if row["label"] == "help":
         return ASKS
-    if row["label"] == "other" and row.get("kind") not in ("everyday", "technical"):
+    if row["label"] == "other" and row.get("kind") not in PLAIN_KINDS:
         return "look-alikes"
     if row["label"] in ("harmful", "self_harm"):
         return "unsafe"
-    return {"everyday": "everyday", "technical": "technical"}.get(row.get("kind"), "other benign")
+    return row["kind"] if row.get("kind") in PLAIN_KINDS else "other benign"
 
 
 def harm_categories(vectors: np.ndarray, rows: list[dict]) -> list[str | None]:
@@ -562,7 +563,7 @@ def choose_help(asks: np.ndarray, rows: list[dict]) -> float:
     """The lowest threshold (the most requests for a line answered with the app's numbers) at which no everyday or
     technical message and at most MAX_HELP_OTHERS of the others are answered so instead of by the model; `asks`:
     the head's probability for the rows the harm check lets through, 0 for the others."""
-    plain = np.array([r.get("kind") in ("everyday", "technical") for r in rows])
+    plain = np.array([r.get("kind") in PLAIN_KINDS for r in rows])
     other = np.array([r["label"] != "help" for r in rows])
     for threshold in THRESHOLDS:
         flagged = asks >= threshold
