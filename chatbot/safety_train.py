@@ -94,7 +94,8 @@ FILES, PER_FILE = 80, 8  # installed files of each kind (every n-th of those fou
 RECHECK_C = 10.0  # the recheck's inverse regularisation (benchmarks/injection_recheck.py compares others)
 RECHECK_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 HELP_DATA = sorted(DATA.glob("help_lines.*.jsonl"))  # requests for a crisis line, and look-alikes that ask for none
-HELP_CS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # the help-lines head's inverse regularisations, one chosen on validation
+# the help-lines head's inverse regularisations, one chosen on validation (from 1,000 on it gains no more there)
+HELP_CS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 MAX_HELP_OTHERS = 0.01  # validation messages asking for no line that may get the lines instead of the model's answer
 PLAIN_KINDS = ("everyday", "technical")  # the harm data's kinds that must never get the lines
 CODE_KINDS = ("written code", "installed code")
@@ -107,11 +108,14 @@ def split_of(intent: str, members: list[str]) -> str:
     return "train" if position < SHARES[0] else "validation" if position < SHARES[1] else "test"
 
 
-def assign_splits(rows: list[dict], kind: str) -> None:
+def assign_splits(rows: list[dict], kind: str, per_language: bool = True) -> None:
     """Set row["split"] by intent, within each (language, `kind` value, batch) group. Rows written later carry
-    their "batch" number and are split among themselves, so adding them moves no earlier intent to another split."""
+    their "batch" number and are split among themselves, so adding them moves no earlier intent to another split.
+    Where both languages name some intents alike (the same request written in each), `per_language=False` splits
+    the names of both languages together, so an intent is in the same split in both: a multilingual encoder reads a
+    translation as a paraphrase."""
     def group(row: dict) -> tuple:
-        return row["language"], row[kind], row.get("batch")
+        return row["language"] if per_language else None, row[kind], row.get("batch")
 
     groups: dict[tuple, set[str]] = {}
     for row in rows:
@@ -506,10 +510,10 @@ def train_recheck(external: bool) -> dict:
 # ----- requests for a crisis line ------------------------------------------------------------------------------
 def help_rows() -> list[dict]:
     """Requests for a crisis or support line and messages like them that ask for none (HELP_DATA, split by intent
-    per language and label), and as messages that ask for none the harm data's everyday requests and technical
-    questions, in their own splits."""
+    per label, an intent both languages have in one split), and as messages that ask for none the harm data's
+    everyday requests and technical questions, in their own splits."""
     rows = [row for path in HELP_DATA for row in read_jsonl(path)]
-    assign_splits(rows, "label")
+    assign_splits(rows, "label", per_language=False)
     return rows + [row | {"label": "other"} for row in harm_rows() if row.get("kind") in PLAIN_KINDS]
 
 

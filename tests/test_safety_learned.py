@@ -191,6 +191,26 @@ def test_a_later_batch_is_split_on_its_own_and_moves_no_earlier_intent():
     assert {r["intent"]: r["split"] for r in merged if r["intent"].startswith("en-")} != before
 
 
+def test_an_intent_written_in_both_languages_is_in_one_split_when_languages_are_split_together():
+    from chatbot.safety_train import assign_splits, help_rows
+
+    names = [f"intent-{n}" for n in range(30)]  # in both languages; each also has intents of its own
+    rows = [{"intent": name, "language": language, "label": "help", "text": name}
+            for language in ("en", "zh") for name in names + [f"{language}-only-{n}" for n in range(30)]]
+    apart = [dict(r) for r in rows]
+    assign_splits(apart, "label")
+    split = {(r["intent"], r["language"]): r["split"] for r in apart}
+    assert any(split[name, "en"] != split[name, "zh"] for name in names)  # what per-language splitting does
+    assign_splits(rows, "label", per_language=False)
+    for name in names:
+        assert len({r["split"] for r in rows if r["intent"] == name}) == 1
+    assert {r["split"] for r in rows} == {"train", "validation", "test"}
+    shipped = help_rows()  # the help-lines data: its few intents named alike in both languages share a split
+    for name in {r["intent"] for r in shipped if r["language"] == "en"} & {r["intent"] for r in shipped
+                                                                            if r["language"] == "zh"}:
+        assert len({r["split"] for r in shipped if r["intent"] == name}) == 1, name
+
+
 # ----- with the real multilingual encoder ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_encoder_tuned_on_a_few_examples_judges_held_out_paraphrases():
