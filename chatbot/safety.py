@@ -248,7 +248,11 @@ class Head:
 
     @classmethod
     def read(cls, path: Path) -> Head:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls.parse(json.loads(path.read_text(encoding="utf-8")))
+
+    @classmethod
+    def parse(cls, data: dict) -> Head:
+        """The head from `write`'s record."""
         return cls(tuple(data["classes"]), np.asarray(data["weights"], dtype=np.float32),
                    np.asarray(data["bias"], dtype=np.float32), float(data["threshold"]), data["embedder"],
                    float(data.get("veto", 0.0)))
@@ -357,8 +361,9 @@ def load_learned() -> Learned:
     recheck = Head.read(RECHECK_HEAD) if RECHECK_HEAD.exists() else None
     help_head = None
     if HELP_HEAD.exists():
-        if json.loads(HELP_HEAD.read_text(encoding="utf-8")).get("harm") == harm_fingerprint():
-            help_head = Head.read(HELP_HEAD)
+        record = json.loads(HELP_HEAD.read_text(encoding="utf-8"))
+        if record.get("harm") == harm_fingerprint():
+            help_head = Head.parse(record)
         else:  # fitted over another harm encoder or head: its verdicts would mean nothing
             print(f"warning: {HELP_HEAD.name} was fitted over another harm classifier; retrain it with `python -m "
                   "chatbot.safety_train --head help`. Requests for a crisis line go to the model.", file=sys.stderr)
