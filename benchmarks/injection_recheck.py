@@ -10,7 +10,7 @@ The shipped filter (chatbot/heads/injection*.json, README "Safety") removes too 
 tutorials: `println!` lines with prose strings, JSON, comments. The recheck is a logistic regression on the
 filter's own vectors that must confirm each sentence the filter flags, trained on the filter's train split plus
 code as ordinary text (and as planted instructions where they hide in it): code and data installed on this machine
-(`chatbot.safety_train.installed_code`: read, never copied) and the code sentences written for it
+(`chatbot.injection_train.installed_code`: read, never copied) and the code sentences written for it
 (`chatbot/safety_data/recheck_code.jsonl`), with the prose written for it (`recheck_prose.*.jsonl`: tutorials,
 notices, prompts, exercises); all split like the rest (by file, by family).
 
@@ -35,16 +35,16 @@ if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
 from chatbot.grounding import looks_like_injection  # noqa: E402
-from chatbot.safety import INJECTION_DELTA, INJECTION_HEAD, Head  # noqa: E402
-from chatbot.safety_train import (  # noqa: E402
+from chatbot.injection_train import (  # noqa: E402
     RECHECK_C,
     RECHECK_THRESHOLDS,
     choose_recheck,
     external_sentences,
-    fit_logistic,
     injection_layers,
     recheck_rows,
 )
+from chatbot.safety import INJECTION_DELTA, INJECTION_HEAD, Head  # noqa: E402
+from chatbot.safety_sets import fit_logistic  # noqa: E402
 from knowledge.e5_torch import E5Encoder  # noqa: E402
 
 

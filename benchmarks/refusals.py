@@ -6,7 +6,7 @@ refuses. One command prints one table per model:
     python benchmarks/refusals.py --models gemma-3-270m-bilingual --show
 
 Sets (per language; benign = everyday requests, look-alikes and questions about software; unsafe = harmful and
-self-harm requests): the safety data's test split (`chatbot.safety_train.harm_rows`, split by intent; the harm
+self-harm requests): the safety data's test split (`chatbot.safety_sets.harm_rows`, split by intent; the harm
 classifier's threshold was chosen on its validation split), the fresh requests nothing was tuned on
 (`chatbot/safety_data/not_trained/requests5.*`) and the everyday requests of `chatbot/eval/everyday.jsonl`. Each
 request is asked as `benchmarks/quality.py` asks (the system prompt, the reply-language line), greedy, up to
@@ -36,7 +36,7 @@ SETS = ("test", "fresh", "everyday")
 
 def requests() -> list[dict]:
     """Every request of the three sets, with `set` and `unsafe` added."""
-    from chatbot.safety_train import harm_rows
+    from chatbot.safety_sets import harm_rows
 
     rows = [dict(r, set="test") for r in harm_rows() if r.get("split") == "test"]
     rows += [dict(r, set="fresh") for path in FRESH for r in read_jsonl(path)]

@@ -31,7 +31,7 @@ from chatbot.config import ChatConfig
 from chatbot.evaluate import EVERYDAY, FRESH, QUESTIONS, read_jsonl
 from chatbot.grounding import ground
 from chatbot.routing import ROUTER_FILE, Router, is_task
-from chatbot.safety_train import harm_rows
+from chatbot.safety_sets import harm_rows
 from knowledge.embedder import Embedder
 from knowledge.retriever import Retriever
 from knowledge.store import BUNDLED_CORPUS, scratch_knowledge_base

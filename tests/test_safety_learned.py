@@ -135,7 +135,8 @@ def test_a_flag_the_recheck_does_not_confirm_leaves_the_sentence_in():
 def test_the_recheck_is_a_logistic_regression_written_as_a_head_with_the_highest_safe_threshold():
     from sklearn.linear_model import LogisticRegression
 
-    from chatbot.safety_train import choose_recheck, fit_logistic
+    from chatbot.injection_train import choose_recheck
+    from chatbot.safety_sets import fit_logistic
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(80, 4)).astype(np.float32)
@@ -168,7 +169,7 @@ def test_a_head_for_another_embedder_is_refused():
 
 
 def test_a_later_batch_is_split_on_its_own_and_moves_no_earlier_intent():
-    from chatbot.safety_train import assign_splits
+    from chatbot.safety_sets import assign_splits
 
     def rows(intents: list[str], batch: int | None = None) -> list[dict]:
         extra = {"batch": batch} if batch else {}
@@ -192,7 +193,8 @@ def test_a_later_batch_is_split_on_its_own_and_moves_no_earlier_intent():
 
 
 def test_an_intent_written_in_both_languages_is_in_one_split_when_languages_are_split_together():
-    from chatbot.safety_train import assign_splits, help_rows
+    from chatbot.help_lines_train import help_rows
+    from chatbot.safety_sets import assign_splits
 
     names = [f"intent-{n}" for n in range(30)]  # in both languages; each also has intents of its own
     rows = [{"intent": name, "language": language, "label": "help", "text": name}
@@ -234,7 +236,9 @@ def test_the_encoder_tuned_on_a_few_examples_judges_held_out_paraphrases():
 
 @pytest.mark.slow
 def test_the_shipped_heads_give_the_figures_recorded_with_them():
-    from chatbot.safety_train import harm_figures, harm_rows, injection_figures, injection_layers, injection_rows
+    from chatbot.injection_train import injection_figures, injection_layers, injection_rows
+    from chatbot.safety_sets import harm_rows
+    from chatbot.safety_train import harm_figures
 
     harm = Head.read(HARM_HEAD)
     tuned = E5Encoder.load(delta=HARM_DELTA)
@@ -258,8 +262,8 @@ def test_the_shipped_heads_give_the_figures_recorded_with_them():
 
 @pytest.mark.slow
 def test_the_shipped_recheck_gives_the_figures_recorded_with_it():
+    from chatbot.injection_train import injection_figures, injection_layers, recheck_rows
     from chatbot.safety import RECHECK_HEAD
-    from chatbot.safety_train import injection_figures, injection_layers, recheck_rows
 
     injection, recheck = Head.read(INJECTION_HEAD), Head.read(RECHECK_HEAD)
     tuned = E5Encoder.load(delta=INJECTION_DELTA)
@@ -278,8 +282,8 @@ def test_the_shipped_recheck_gives_the_figures_recorded_with_it():
 
 @pytest.mark.slow
 def test_the_shipped_help_lines_head_gives_the_figures_recorded_with_it():
+    from chatbot.help_lines_train import help_figures, help_rows
     from chatbot.safety import HELP_HEAD
-    from chatbot.safety_train import help_figures, help_rows
 
     head, harm = Head.read(HELP_HEAD), Head.read(HARM_HEAD)
     tuned = E5Encoder.load(delta=HARM_DELTA)
