@@ -285,7 +285,7 @@ def test_the_openvino_embedder_gives_torchs_vectors_and_serves_a_torch_index(emb
 def test_importing_openvino_reports_nothing(tmp_path):
     """Importing openvino sends a usage event to Intel (and writes ~/intel) unless told not to; ours does not."""
     env = {key: value for key, value in os.environ.items() if key != "CI"} | {"HOME": str(tmp_path)}
-    code = "from knowledge.embedder import _openvino; _openvino().Core()"
+    code = "from knowledge.runtime import load_openvino; load_openvino().Core()"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
     assert not (tmp_path / "intel").exists()
 
