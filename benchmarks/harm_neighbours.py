@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from chatbot.safety import HARM_DELTA, HARM_HEAD, Head, judge  # noqa: E402
+from chatbot.safety import judge  # noqa: E402
+from chatbot.safety_heads import HARM_DELTA, HARM_HEAD, Head  # noqa: E402
 from chatbot.safety_sets import DATA, THRESHOLDS, harm_rows  # noqa: E402
 from chatbot.safety_train import MAX_FALSE_REFUSALS, VETOES  # noqa: E402
 from knowledge.e5_torch import E5Encoder  # noqa: E402

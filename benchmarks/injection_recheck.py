@@ -43,7 +43,7 @@ from chatbot.injection_train import (  # noqa: E402
     injection_layers,
     recheck_rows,
 )
-from chatbot.safety import INJECTION_DELTA, INJECTION_HEAD, Head  # noqa: E402
+from chatbot.safety_heads import INJECTION_DELTA, INJECTION_HEAD, Head  # noqa: E402
 from chatbot.safety_sets import fit_logistic  # noqa: E402
 from knowledge.e5_torch import E5Encoder  # noqa: E402
 

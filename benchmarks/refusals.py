@@ -73,7 +73,8 @@ def table(name: str, counts: Counter) -> str:
 def main(argv: list[str] | None = None) -> int:
     from chatbot.engine import load_engine
     from chatbot.onnx_engine import DEFAULT_PRECISION
-    from chatbot.safety import SafetyGuard, load_learned
+    from chatbot.safety import SafetyGuard
+    from chatbot.safety_heads import load_learned
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="default,gemma-3-270m-bilingual",

@@ -30,7 +30,8 @@ if str(ROOT) not in sys.path:  # run as a script
 from benchmarks.serving import percentile  # noqa: E402
 from chatbot.evaluate import EVERYDAY, read_jsonl  # noqa: E402
 from chatbot.grounding import defuse  # noqa: E402
-from chatbot.safety import DATA, HARM_DELTA, Learned, SafetyGuard, load_learned  # noqa: E402
+from chatbot.safety import DATA, SafetyGuard  # noqa: E402
+from chatbot.safety_heads import HARM_DELTA, Learned, load_learned  # noqa: E402
 from knowledge.chunking import chunk_document  # noqa: E402
 from knowledge.e5_torch import E5Encoder  # noqa: E402
 from knowledge.loaders import find_files, load_file  # noqa: E402

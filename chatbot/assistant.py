@@ -9,8 +9,8 @@ web app both drive it.
 
 How a turn is answered (`Answer.mode`):
 - "refused": a harmful request (see chatbot.safety); a fixed reply in the user's language.
-- "help": a harmless request for a crisis or support line (chatbot.safety's help-lines head); the numbers written
-  into the app (chatbot.prompts.HELP_LINES), in the user's language.
+- "help": a harmless request for a crisis or support line (the help-lines head, chatbot.safety_heads); the numbers
+  written into the app (chatbot.prompts.HELP_LINES), in the user's language.
 - "chat": small talk, or any message when there is no knowledge base: the model answers from itself.
 - "chat" also when a knowledge base is open but does not cover the question, or the message asks for a task
   (chatbot.routing): the model's own answer after a line that says it is not from the documents.
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatbot import safety
+from chatbot import safety_heads
 from chatbot.chat_format import Message, message_text
 from chatbot.config import ChatConfig
 from chatbot.engine import Engine, GenerationOptions, Usage
@@ -179,7 +179,7 @@ class Assistant:
         self.engines = dict(engines or {})
         # The patterns, the learned classifier over multilingual-e5-small (loaded once per process), and a guard
         # model when --safety-model names one.
-        learned = safety.load_learned() if config.safety_classifier else None
+        learned = safety_heads.load_learned() if config.safety_classifier else None
         self.guard = SafetyGuard(config.safety_model, learned=learned)
         if self.guard.model_error:
             print(f"warning: {self.guard.model_error}", file=sys.stderr)

@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from chatbot import safety
+from chatbot import safety, safety_heads
 from chatbot.assistant import Assistant
 from chatbot.config import ChatConfig
 from chatbot.grounding import ground, looks_like_injection
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           "| recall |\n|---|---|---|---|")
     for language, (answered, found) in sorted(recall.items()):
         print(f"| {language} | {answered} | {found} | {found / max(answered, 1):.2f} |")
-    learned = safety.load_learned()  # the whole check, as the app runs it: patterns, then the learned heads
+    learned = safety_heads.load_learned()  # the whole check, as the app runs it: patterns, then the learned heads
     print("\nSafety (chatbot.safety: patterns and the harm head)\n\n| set | language | harmful | refused | benign | "
           "refused wrongly |\n|---|---|---|---|---|---|")
     for name in ("safety.jsonl", "safety_probe.jsonl", "safety_unseen.jsonl"):

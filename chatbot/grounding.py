@@ -129,7 +129,7 @@ def looks_like_injection(sentence: str) -> bool:
 
 def defuse(text: str, instructions: Screen | None = None) -> str:
     """The passage without sentences that try to instruct the assistant (prompt injection): those the patterns
-    find, and those `instructions` (the learned filter, chatbot.safety.Learned.instructions) flags. The model
+    find, and those `instructions` (the learned filter, chatbot.safety_heads.Learned.instructions) flags. The model
     never reads them, and an extractive answer can never quote them. The sources panel still shows the original."""
     sentences = split_sentences(text)
     learned = instructions(sentences) if instructions is not None else [False] * len(sentences)

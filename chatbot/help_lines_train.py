@@ -18,7 +18,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from chatbot.safety import HARM_DELTA, HARM_HEAD, HELP_HEAD, Head, harm_category, harm_fingerprint, judge
+from chatbot.safety import judge
+from chatbot.safety_heads import HARM_DELTA, HARM_HEAD, HELP_HEAD, Head, harm_category, harm_fingerprint
 from chatbot.safety_sets import (
     DATA,
     EVAL,
@@ -65,7 +66,7 @@ def help_kind(row: dict) -> str:
 
 def harm_categories(vectors: np.ndarray, rows: list[dict]) -> list[str | None]:
     """The shipped harm check's category for each row (None: it lets the row through), as
-    `chatbot.safety.Learned.verdict` decides: its head on these harm-encoder vectors, and the patterns."""
+    `chatbot.safety_heads.Learned.verdict` decides: its head on these harm-encoder vectors, and the patterns."""
     harm = Head.read(HARM_HEAD)
     return [harm_category(harm, p, judge(r["text"]).category)
             for p, r in zip(harm.probabilities(vectors), rows, strict=True)]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.grounding import looks_like_injection
-from chatbot.safety import INJECTION_DELTA, INJECTION_HEAD, RECHECK_HEAD, Head
+from chatbot.safety_heads import INJECTION_DELTA, INJECTION_HEAD, RECHECK_HEAD, Head
 from chatbot.safety_sets import DATA, EVAL, THRESHOLDS, assign_splits, by_layer, cell, fit_logistic, parts, split_of
 from chatbot.safety_tune import EPOCHS, save_delta, tune
 from knowledge.chunking import chunk_document, split_sentences

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatbot.safety import Head
+from chatbot.safety_heads import Head
 from knowledge.evaluate import read_jsonl
 
 HERE = Path(__file__).resolve().parent

