@@ -25,7 +25,9 @@ _TOKEN = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+")
 # text full of symbols), so a chunk of at most WINDOW of them fits the embedder's 256 tokens, heading included.
 _PIECE = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+|[^\\w\\s]|_")
 WINDOW = 224
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+# A Markdown heading: at most three spaces before its "#"s (CommonMark); a "#" line indented further is
+# code or text (a shell comment, a config file's "# comment" line), not a heading.
+_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")  # a line that opens or closes a Markdown code block
 # A sentence ends after 。！？； (and any closing quote) or at .!? followed by a space; an English ";" does not
 # end one.
@@ -107,13 +109,13 @@ def sentence_units(chunk: Chunk) -> list[str]:
 
 def sections(text: str) -> list[tuple[str, str]]:
     """(heading path, body) pairs: Markdown headings start sections; the path joins the title and section. A "#"
-    line inside a fenced code block is code (a comment), not a heading."""
+    line inside a fenced code block, or indented four spaces or more, is code or text, not a heading."""
     path: list[tuple[int, str]] = []
     result, body = [], []
     fenced = False
     for line in text.splitlines():
         fenced ^= bool(_FENCE.match(line))
-        match = None if fenced else _HEADING.match(line.strip())
+        match = None if fenced else _HEADING.match(line.rstrip())
         if match:
             result.append((" › ".join(t for _, t in path), "\n".join(body)))
             level = len(match.group(1))

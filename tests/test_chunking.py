@@ -48,6 +48,15 @@ def test_headings_are_kept_as_context_and_chunks_do_not_cross_sections():
     assert chunks[0].indexed_text.startswith("Guide › Install\n")
 
 
+def test_a_hash_line_indented_four_spaces_is_text_not_a_heading():
+    text = ("# Config\n\n## Format\n\nThe file holds these lines:\n\n       # comment Lines that start with # are "
+            "ignored.\n\n   ## Keys\n\nEach key is set once.")
+    chunks = chunk_document(doc(text))
+    assert [(c.heading, c.text) for c in chunks] == [
+        ("Config › Format", "The file holds these lines: # comment Lines that start with # are ignored."),
+        ("Config › Keys", "Each key is set once.")]
+
+
 def test_a_sentence_longer_than_the_budget_is_cut():
     chunks = chunk_document(doc(" ".join(f"w{i}" for i in range(100))), budget=40, overlap=0)
     assert [count_tokens(c.text) for c in chunks] == [40, 40, 20]
