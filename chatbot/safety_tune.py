@@ -15,6 +15,7 @@ account" from "how do I get back into my account" (the README's Safety table has
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +37,33 @@ def tune(encoder: E5Encoder, texts: list[str], labels: np.ndarray, classes: tupl
     changes (for save_delta) and the head. The encoder's model is wrapped in place: load a fresh one to serve."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
 
     torch.manual_seed(seed)
     model = get_peft_model(encoder.model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.1,
                                                      target_modules=TARGETS))
     encoder.model = model
     head = torch.nn.Linear(model.config.hidden_size, len(classes))
+    fit(encoder.pooled, model, head, texts, labels, epochs, rate, seed, name)
+    model.eval()
+    return low_rank_changes(model), Head(classes, head.weight.detach().numpy() * SCALE, head.bias.detach().numpy(),
+                                         0.5, "")
+
+
+def fit(pooled: Callable, model, head, texts: list[str], labels: np.ndarray, epochs: int, rate: float, seed: int,
+        name: str) -> None:
+    """Train `model`'s trainable weights (its LoRA) and `head` on `pooled(texts)` × SCALE: cross-entropy, classes
+    weighted by their inverse frequency, AdamW on a one-cycle schedule, batches of BATCH; leaves `model` in train
+    mode (the caller puts it in eval mode)."""
+    import torch
+    from tqdm import tqdm
+
     parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=rate, weight_decay=0.01)
     per_epoch = max(1, len(texts) // BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=rate, total_steps=epochs * per_epoch,
                                                    pct_start=0.1)
-    counts = np.bincount(labels, minlength=len(classes))
-    weights = torch.tensor(len(labels) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
+    counts = np.bincount(labels, minlength=head.out_features)
+    weights = torch.tensor(len(labels) / (head.out_features * np.maximum(counts, 1)), dtype=torch.float32)
     rng = np.random.default_rng(seed)
     model.train()
     with tqdm(total=epochs * per_epoch, desc=f"tuning {name}", unit="step", file=sys.stderr) as bar:
@@ -57,7 +71,7 @@ def tune(encoder: E5Encoder, texts: list[str], labels: np.ndarray, classes: tupl
             order = rng.permutation(len(texts))
             for step in range(per_epoch):
                 chosen = order[step * BATCH:(step + 1) * BATCH]
-                logits = head(encoder.pooled([texts[i] for i in chosen]) * SCALE)
+                logits = head(pooled([texts[i] for i in chosen]) * SCALE)
                 loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels[chosen]), weight=weights)
                 optimiser.zero_grad()
                 loss.backward()
@@ -65,9 +79,6 @@ def tune(encoder: E5Encoder, texts: list[str], labels: np.ndarray, classes: tupl
                 schedule.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
-    model.eval()
-    return low_rank_changes(model), Head(classes, head.weight.detach().numpy() * SCALE, head.bias.detach().numpy(),
-                                         0.5, "")
 
 
 def low_rank_changes(model) -> dict:
