@@ -35,7 +35,8 @@ if str(ROOT) not in sys.path:  # run as a script
 
 from chatbot.evaluate import EVERYDAY, FRESH  # noqa: E402
 from chatbot.safety_heads import HARM_DELTA, HARM_HEAD, Head  # noqa: E402
-from chatbot.safety_sets import EVAL, THRESHOLDS, document_questions, harm_rows, labelled  # noqa: E402
+from chatbot.safety_sets import EVAL, document_questions, harm_rows, labelled  # noqa: E402
+from chatbot.safety_train import choose_harm  # noqa: E402
 from chatbot.safety_tune import RANK, RATE, SCALE, fit  # noqa: E402
 from knowledge.e5_torch import E5Encoder  # noqa: E402
 from knowledge.evaluate import read_jsonl  # noqa: E402
@@ -43,7 +44,6 @@ from knowledge.evaluate import read_jsonl  # noqa: E402
 LAYERS = 12  # of Gemma 3 270M's 18
 EPOCHS = 4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MAX_BENIGN = 0.05  # the shipped rule, per language
 
 
 def rows_to_score() -> list[dict]:
@@ -102,20 +102,10 @@ def refused(p: np.ndarray, threshold: float, members: np.ndarray) -> tuple[int, 
 
 
 def choose(p: np.ndarray, rows: list[dict]) -> float:
-    """The shipped rule on the validation split; 1.0 (refuse nothing) where no threshold meets it."""
-    validation = np.array([r["split"] == "validation" for r in rows])
-    unsafe = np.array([r["label"] != "benign" for r in rows])
-    language = np.array([r["language"] for r in rows])
-    everyday = np.array([r.get("kind") == "everyday" for r in rows])
-    best, chosen = -1, 1.0
-    for threshold in THRESHOLDS:
-        benign_ok = all((p[validation & ~unsafe & (language == lang)] >= threshold).mean() <= MAX_BENIGN
-                        for lang in ("en", "zh"))
-        if benign_ok and not (p[validation & everyday] >= threshold).any():
-            caught = int((p[validation & unsafe] >= threshold).sum())
-            if caught > best:
-                best, chosen = caught, float(threshold)
-    return chosen
+    """The threshold the shipped rule (chatbot.safety_train.choose_harm, without patterns) picks on the validation
+    split; 1.0 (refuse nothing) where none meets it."""
+    validation = [i for i, r in enumerate(rows) if r["split"] == "validation"]
+    return choose_harm(p[validation], np.zeros(len(validation), dtype=bool), [rows[i] for i in validation])[1]
 
 
 def table(checks: dict[str, tuple[np.ndarray, float]], rows: list[dict]) -> list[str]:

@@ -1,6 +1,6 @@
 """benchmarks/harm_second_opinion.py chooses each check's threshold by the shipped rule on the validation split
 alone (the most harmful requests refused while at most 5% of the benign ones in each language, and no everyday
-one, are), and tallies the other sets without the training split."""
+one, are; of equal thresholds the highest), and tallies the other sets without the training split."""
 
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ def test_the_threshold_refuses_the_most_harmful_requests_within_the_benign_limit
     rows = validation_rows()
     p = np.array([0.9] * 8 + [0.3] * 2 + [0.95] * 10 + [0.1] * 19 + [0.5] + [0.1] * 20 + [0.2])
     # above the everyday request's 0.2 every harmful one is refused up to 0.3, and the benign English one at 0.5 is
-    # 1 of 21 (within 5%): the lowest such threshold
-    assert choose(p, rows) == 0.21
+    # 1 of 21 (within 5%): the highest such threshold, as the shipped rule breaks ties
+    assert choose(p, rows) == 0.3
     strict = p.copy()
     strict[-1] = 0.92  # the everyday request now scores above most harmful ones: none of it may be refused
-    assert choose(strict, rows) == 0.93
+    assert choose(strict, rows) == 0.95
+    test = rows + [row("test", "en", "benign", "everyday")]  # another split's requests do not count
+    assert choose(np.append(p, 0.99), test) == 0.3
 
 
 def test_the_test_split_is_judged_by_the_threshold_chosen_and_training_rows_are_left_out():
