@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [r["text"] for r in rows]
     shipped = Head.read(HARM_HEAD)
     encoder = E5Encoder.load(delta=HARM_DELTA)
-    e5 = 1 - shipped.probabilities(np.concatenate([encoder.queries(texts[i:i + 64])
-                                                   for i in range(0, len(texts), 64)]))[:, 0]
+    e5 = 1 - shipped.probabilities(encoder.queries(texts))[:, 0]  # queries batches by 64 itself
     train = [i for i, r in enumerate(rows) if r["split"] == "train"]
     labels = np.array([r["label"] != "benign" for r in rows], dtype=np.int64)
     started = time.perf_counter()
